@@ -1,0 +1,84 @@
+"""`rkv`: thin commands over the library.
+
+    rkv serve       run the reference runtime as an RKV API v1 server (loopback)
+    rkv catalogue   print the obligation catalogue (Markdown)
+    rkv openapi     print the OpenAPI document of RKV API v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pytest_rkv.reference.runtime import FAULT_MODES, MicroRuntime
+    from pytest_rkv.reference.server import serve
+
+    try:
+        runtime = MicroRuntime(
+            num_blocks=args.blocks, block_size=args.block_size,
+            claim_budget_blocks=args.claim_budget, host_blocks=args.host_blocks,
+            faults=frozenset(args.fault), fault_injection=not args.no_fault_injection,
+        )
+    except ValueError as exc:
+        print(f"rkv serve: {exc}", file=sys.stderr)
+        return 2
+    server = serve(runtime, args.host, args.port)
+    host, port = server.server_address[:2]
+    faults = f" with fault modes {', '.join(sorted(args.fault))}" if args.fault else ""
+    print(f"RKV API v1 listening on http://{host}:{port}{faults}", flush=True)
+    if args.fault:
+        for f in args.fault:
+            print(f"  fault {f}: {FAULT_MODES[f]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _catalogue(args: argparse.Namespace) -> int:
+    from pytest_rkv.docs import catalogue_markdown
+
+    print(catalogue_markdown())
+    return 0
+
+
+def _openapi(args: argparse.Namespace) -> int:
+    from pytest_rkv.reference.server import openapi
+
+    print(json.dumps(openapi(), indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rkv", description="pytest-rkv: Resident KV Claims conformance")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the reference runtime over HTTP")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=int, default=8400, help="port; 0 picks a free one")
+    s.add_argument("--blocks", type=int, default=80, help="usable blocks in the pool")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per block")
+    s.add_argument("--claim-budget", type=int, default=64, help="blocks all claims may hold together")
+    s.add_argument("--host-blocks", type=int, default=80, help="host tier size for demotion (0: none)")
+    from pytest_rkv.reference.runtime import FAULT_MODES
+
+    s.add_argument("--fault", action="append", default=[], choices=sorted(FAULT_MODES), metavar="MODE",
+                   help="break one obligation on purpose (repeatable): " + ", ".join(sorted(FAULT_MODES)))
+    s.add_argument("--no-fault-injection", action="store_true", help="disable POST /v1/kv/faults")
+    s.set_defaults(func=_serve)
+
+    sub.add_parser("catalogue", help="print the obligation catalogue").set_defaults(func=_catalogue)
+    sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_openapi)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The run's configuration, resolved once: command line > ini > default.
+
+Each option is declared once here (`OPTIONS`) and registered both as `--rkv-x` and as the
+ini key `rkv_x`, with the same help text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_rkv.drivers.registry import BACKENDS, UnknownBackend
+from pytest_rkv.reference.runtime import FAULT_MODES
+
+# name -> (help, default)
+OPTIONS: dict[str, tuple[str, str | None]] = {
+    "backend": (
+        "backend(s) to test, comma-separated; each becomes its own row. "
+        f"Available: {', '.join(BACKENDS)}",
+        "reference",
+    ),
+    "url": ("base URL of an already-running RKV API v1 server (backend rkv-http)", None),
+    "report-dir": ("where row.json and server logs go", "rkv-report"),
+    "block-size": ("tokens per KV block (default: the backend's own; vLLM: 32 on CPU, 16 on GPU)", None),
+    "model": ("model path or hub id for real-runtime backends (default: a generated tiny model)", None),
+    "startup-timeout": ("seconds a backend server may take to become ready", "240"),
+    "reference-fault": (
+        "break the reference runtime on purpose (comma-separated fault modes): "
+        + ", ".join(FAULT_MODES),
+        None,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RkvConfig:
+    backends: tuple[str, ...]
+    url: str | None
+    report_dir: Path
+    block_size: int | None
+    model: str | None
+    startup_timeout: float
+    reference_faults: frozenset[str]
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("rkv", "Resident KV Claims conformance")
+    for name, (help_text, default) in OPTIONS.items():
+        group.addoption(f"--rkv-{name}", dest=f"rkv_{name.replace('-', '_')}", default=None, help=help_text)
+        parser.addini(f"rkv_{name.replace('-', '_')}", help_text, default=default)
+
+
+def _value(config: pytest.Config, name: str) -> str | None:
+    key = f"rkv_{name.replace('-', '_')}"
+    cli = config.getoption(key, default=None)
+    if cli is not None:
+        return cli
+    ini = config.getini(key)
+    return ini if ini not in ("", None) else None
+
+
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def get_config(config: pytest.Config) -> RkvConfig:
+    """Resolve and validate every option; bad values are usage errors, at the door."""
+    backends = _split(_value(config, "backend"))
+    if not backends:
+        raise pytest.UsageError(f"--rkv-backend is empty; available: {', '.join(BACKENDS)}")
+    for name in backends:
+        if name not in BACKENDS:
+            raise pytest.UsageError(str(UnknownBackend(
+                f"--rkv-backend: unknown backend {name!r}; available: {', '.join(BACKENDS)}"
+            )))
+    if len(set(backends)) != len(backends):
+        raise pytest.UsageError(f"--rkv-backend names a backend twice: {','.join(backends)}")
+
+    block_size = _value(config, "block-size")
+    startup = _value(config, "startup-timeout") or "240"
+    try:
+        block_size_n = int(block_size) if block_size else None
+        startup_s = float(startup)
+    except ValueError:
+        raise pytest.UsageError(
+            f"--rkv-block-size must be an integer and --rkv-startup-timeout a number "
+            f"(got {block_size!r}, {startup!r})"
+        ) from None
+    if block_size_n is not None and block_size_n < 1:
+        raise pytest.UsageError(f"--rkv-block-size must be positive, got {block_size_n}")
+
+    faults = frozenset(_split(_value(config, "reference-fault")))
+    unknown = faults - set(FAULT_MODES)
+    if unknown:
+        raise pytest.UsageError(
+            f"--rkv-reference-fault: unknown fault mode(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(FAULT_MODES)}"
+        )
+    url = _value(config, "url")
+    if "rkv-http" in backends and not url:
+        raise pytest.UsageError("--rkv-backend=rkv-http needs --rkv-url (the RKV API v1 server to test)")
+
+    report_dir = Path(_value(config, "report-dir") or "rkv-report")
+    if not report_dir.is_absolute():
+        report_dir = Path(config.invocation_params.dir) / report_dir
+    return RkvConfig(
+        backends=tuple(backends),
+        url=url,
+        report_dir=report_dir,
+        block_size=block_size_n,
+        model=_value(config, "model"),
+        startup_timeout=startup_s,
+        reference_faults=faults,
+    )

@@ -1,0 +1,152 @@
+"""The one interface the suites talk to. Every backend is a `Driver`.
+
+A driver answers in RKV API v1 terms (the models in `pytest_rkv.contract`) whatever the
+runtime behind it speaks. A call the runtime does not offer raises `Unsupported`, never
+returns a made-up answer: the suite then records *unsupported*, not *pass*.
+
+Non-2xx answers of the runtime are not exceptions: they come back as a `Reply` whose
+`error` is set, because a refusal is often exactly the evidence a test wants.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Generic, TypeVar
+
+from pytest_rkv.contract import (
+    Claim,
+    ClaimRequest,
+    Completion,
+    CompletionRequest,
+    Depth,
+    ErrorBody,
+    Event,
+    FaultRequest,
+    PoolState,
+    RuntimeInfo,
+)
+from pytest_rkv.errors import Unsupported
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Reply(Generic[T]):
+    """A runtime's answer: `value` on 2xx, `error` (with `status`) otherwise."""
+
+    status: int
+    value: T | None = None
+    error: ErrorBody | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> T:
+        """The value, or an AssertionError that shows the runtime's error body."""
+        if self.error is not None or self.value is None:
+            raise AssertionError(f"expected success, runtime answered {self.status}: {self.error}")
+        return self.value
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """What a driver may need from the run's configuration."""
+
+    workdir: Path  # where to put logs, sockets, generated model configs
+    url: str | None = None
+    block_size: int | None = None
+    model: str | None = None
+    startup_timeout: float = 240.0
+    reference_faults: frozenset[str] = frozenset()
+
+
+class Driver(ABC):
+    """A backend under test.
+
+    Class attributes describe it to the label computation; instance methods drive it.
+    """
+
+    name: ClassVar[str]
+    # How deep the RKV semantics sit: "native" (the runtime itself), "adapter" (a plugin
+    # loaded into an unmodified runtime), "patch" (a modified runtime), "none" (no claims).
+    depth: ClassVar[Depth] = "native"
+    # Routed multi-worker backends are the only ones the placement obligation applies to.
+    routed: ClassVar[bool] = False
+
+    def __init__(self, settings: DriverSettings) -> None:
+        self.settings = settings
+
+    # -- life cycle ------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring the backend up (or attach to it). Raise ServerStartError on failure."""
+
+    def stop(self) -> None:
+        """Stop everything `start` started. Must be safe to call twice, or after a failed start."""
+
+    def check_alive(self) -> None:
+        """Raise BackendCrashed (with the log tail) if the backend has died."""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return ""
+
+    def describe(self) -> dict:
+        """JSON facts about the runtime for the row (name, version, build)."""
+        info = self.info()
+        return {"runtime": info.runtime, "runtime_version": info.runtime_version}
+
+    # -- RKV API v1 ------------------------------------------------------------------
+    @abstractmethod
+    def info(self) -> RuntimeInfo: ...
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Return to an empty pool with no claims, and verify it is empty."""
+
+    @abstractmethod
+    def complete(self, req: CompletionRequest) -> Reply[Completion]: ...
+
+    def claim(self, req: ClaimRequest) -> Reply[Claim]:
+        raise Unsupported(f"{self.name} has no claim API")
+
+    def get_claim(self, claim_id: str) -> Reply[Claim]:
+        raise Unsupported(f"{self.name} has no claim API")
+
+    def release(self, claim_id: str) -> Reply[Claim]:
+        raise Unsupported(f"{self.name} has no claim API")
+
+    def events(self, after: int = 0) -> list[Event]:
+        """Claim lifecycle and request events with seq > after, in seq order as served."""
+        raise Unsupported(f"{self.name} publishes no claim lifecycle events")
+
+    def pool(self) -> PoolState:
+        raise Unsupported(f"{self.name} reports no pool state")
+
+    def inject_fault(self, req: FaultRequest) -> None:
+        raise Unsupported(f"{self.name} offers no fault injection", scope="probe")
+
+    # -- lowering probes: the runtime's own nearby features ---------------------------
+    def complete_at_priority(self, req: CompletionRequest, priority: int) -> Reply[Completion]:
+        """A completion at a scheduling priority (lower value = more favoured), for the
+        "request priority as hard claim" lowering probe."""
+        raise Unsupported(f"{self.name} has no request priority")
+
+    def metrics(self) -> dict[str, float]:
+        """Scraped runtime counters (name{labels} -> value), recorded as evidence only."""
+        return {}
+
+    # -- substrate evidence (block level, no claims) ---------------------------------
+    def block_events(self, after: int = 0) -> list[Event]:
+        """Block-level cache events (`blocks.stored` / `blocks.evicted`) with seq > after.
+
+        The default takes them from the RKV event stream; runtimes with a native block
+        event feed (vLLM's KV events) override this."""
+        return [e for e in self.events(after) if e.type.value.startswith("blocks.")]
+
+    # -- time ------------------------------------------------------------------------
+    def wait(self, seconds: float) -> None:
+        """Let `seconds` pass on the backend's clock (real time unless it has a fake one)."""
+        time.sleep(seconds)

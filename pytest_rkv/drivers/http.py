@@ -1,0 +1,171 @@
+"""Drivers that speak RKV API v1 over HTTP.
+
+* `RkvHttpDriver` (`rkv-http`): any server at `--rkv-url`.
+* `ReferenceHttpDriver` (`reference-http`): spawns `rkv serve` and talks to it for real.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from typing import TypeVar
+
+import requests
+from pydantic import BaseModel, ValidationError
+
+from pytest_rkv.contract import (
+    Claim,
+    ClaimRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Event,
+    EventPage,
+    FaultRequest,
+    PoolState,
+    RuntimeInfo,
+)
+from pytest_rkv.drivers.base import Driver, Reply
+from pytest_rkv.drivers.process import ManagedProcess
+from pytest_rkv.errors import BackendCrashed, HarnessError, ProtocolViolation, ServerStartError, Unsupported
+
+M = TypeVar("M", bound=BaseModel)
+TIMEOUT = 30.0
+
+
+class RkvHttpDriver(Driver):
+    name = "rkv-http"
+    depth = "native"
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.base_url = (settings.url or "").rstrip("/")
+        self.http = requests.Session()
+
+    def start(self) -> None:
+        if not self.base_url:
+            raise HarnessError("backend rkv-http needs --rkv-url (the RKV API v1 server to test)")
+        try:
+            self.info()
+        except requests.RequestException as exc:
+            raise ServerStartError(
+                f"cannot reach an RKV API v1 server at {self.base_url}: {exc.__class__.__name__}: {exc}\n"
+                "  check that the server is running and that --rkv-url is right"
+            ) from None
+
+    def stop(self) -> None:
+        self.http.close()
+
+    # -- plumbing --------------------------------------------------------------------
+    def _call(self, method: str, path: str, model: type[M], body: BaseModel | None = None,
+              params: dict | None = None) -> Reply[M]:
+        try:
+            resp = self.http.request(
+                method, self.base_url + path, params=params, timeout=TIMEOUT,
+                json=None if body is None else body.model_dump(mode="json", exclude_none=True),
+            )
+        except requests.RequestException as exc:
+            self.check_alive()
+            raise HarnessError(f"{method} {path} failed: {exc.__class__.__name__}: {exc}") from None
+        try:
+            payload = resp.json()
+        except ValueError:
+            raise ProtocolViolation(
+                f"{method} {path} answered {resp.status_code} with a non-JSON body: {resp.text[:300]!r}"
+            ) from None
+        try:
+            if resp.ok:
+                return Reply(resp.status_code, value=model.model_validate(payload))
+            return Reply(resp.status_code, error=ErrorResponse.model_validate(payload).error)
+        except ValidationError as exc:
+            raise ProtocolViolation(
+                f"{method} {path} answered {resp.status_code} with a body outside RKV API v1:\n{exc}"
+            ) from None
+
+    def _get(self, path: str, model: type[M], **params) -> M:
+        reply = self._call("GET", path, model, params=params or None)
+        if reply.status == 404 and path.startswith("/v1/kv/") and not path.startswith("/v1/kv/claims/"):
+            raise Unsupported(f"{self.base_url} has no {path} route")
+        return reply.unwrap()
+
+    # -- RKV API v1 ------------------------------------------------------------------
+    def info(self) -> RuntimeInfo:
+        return self._get("/v1/kv/info", RuntimeInfo)
+
+    def reset(self) -> None:
+        reply = self._call("POST", "/v1/kv/reset", PoolState)
+        if reply.status in (404, 501):
+            raise HarnessError(f"{self.base_url} offers no POST /v1/kv/reset; tests cannot start from a clean pool")
+        pool = reply.unwrap()
+        if pool.claimed_blocks or pool.active_blocks or pool.free_blocks != pool.total_blocks:
+            raise HarnessError(f"pool not empty after reset: {pool}")
+
+    def claim(self, req: ClaimRequest) -> Reply[Claim]:
+        return self._call("POST", "/v1/kv/claims", Claim, req)
+
+    def get_claim(self, claim_id: str) -> Reply[Claim]:
+        return self._call("GET", f"/v1/kv/claims/{claim_id}", Claim)
+
+    def release(self, claim_id: str) -> Reply[Claim]:
+        return self._call("DELETE", f"/v1/kv/claims/{claim_id}", Claim)
+
+    def complete(self, req: CompletionRequest) -> Reply[Completion]:
+        return self._call("POST", "/v1/completions", Completion, req)
+
+    def events(self, after: int = 0) -> list[Event]:
+        return self._get("/v1/kv/events", EventPage, after=after).events
+
+    def pool(self) -> PoolState:
+        return self._get("/v1/kv/pool", PoolState)
+
+    def inject_fault(self, req: FaultRequest) -> None:
+        reply = self._call("POST", "/v1/kv/faults", FaultRequest, req)
+        if reply.status in (404, 501):
+            raise Unsupported(f"{self.base_url} offers no fault injection route", scope="probe")
+        reply.unwrap()
+
+
+_LISTEN = re.compile(r"RKV API v1 listening on (http://\S+)")
+
+
+class ReferenceHttpDriver(RkvHttpDriver):
+    """The reference runtime in its own process, over real HTTP on loopback."""
+
+    name = "reference-http"
+
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.server: ManagedProcess | None = None
+
+    def start(self) -> None:
+        log_path = self.settings.workdir / "reference-http.log"
+        argv = [sys.executable, "-m", "pytest_rkv.cli", "serve", "--port", "0",
+                "--block-size", str(self.settings.block_size or 16)]
+        for fault in sorted(self.settings.reference_faults):
+            argv += ["--fault", fault]
+        self.server = ManagedProcess(argv, log_path=log_path, name="rkv serve")
+
+        def ready() -> bool:
+            found = _LISTEN.search(self.server.log_tail(200))
+            if found:
+                self.base_url = found.group(1)
+                self.info()
+                return True
+            return False
+
+        self.server.start(ready, timeout=self.settings.startup_timeout)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.server is not None:
+            self.server.stop()
+
+    def check_alive(self) -> None:
+        if self.server is not None:
+            self.server.check_alive()
+
+    def log_tail(self, lines: int = 40) -> str:
+        return self.server.log_tail(lines) if self.server else ""
+
+
+__all__ = ["RkvHttpDriver", "ReferenceHttpDriver", "BackendCrashed"]

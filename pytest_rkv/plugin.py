@@ -1,0 +1,213 @@
+"""pytest entry point: options, markers, fixtures, outcome mapping and row reporting.
+
+Wiring only. The contract, drivers, labels and rows live in their own modules.
+
+Fixture tiers:
+* `rkv_backend` (session, parametrized by --rkv-backend): one started driver per backend.
+  Tests are grouped by backend, so one server runs at a time and is stopped before the
+  next starts (GPU memory hygiene).
+* `rkv` (function): checks the backend is alive, resets it to an empty pool, and hands
+  the test a `Probe`.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from dataclasses import dataclass
+
+import pytest
+
+from pytest_rkv.config import RkvConfig, add_options, get_config
+from pytest_rkv.contract import OBLIGATIONS, OBLIGATIONS_BY_ID, SUBSTRATES_BY_ID, TestOutcome
+from pytest_rkv.drivers.base import Driver, DriverSettings
+from pytest_rkv.drivers.process import stop_all
+from pytest_rkv.drivers.registry import driver_class
+from pytest_rkv.errors import NotApplicable, Unsupported
+from pytest_rkv.report import RESULT_KEY, RowCollector
+from pytest_rkv.workload import Probe
+
+CONFIG_KEY = pytest.StashKey[RkvConfig]()
+EVIDENCE_KEY = pytest.StashKey[dict]()
+RUNTIMES_KEY = pytest.StashKey[dict]()  # backend name -> describe() dict, per process
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What a suite test is about, read from its marker."""
+
+    kind: str  # obligation | substrate | lowering
+    id: str
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "rkv_obligation(id): the test is evidence for this obligation")
+    config.addinivalue_line("markers", "rkv_substrate(id): the test records a substrate (never an obligation)")
+    config.addinivalue_line("markers", "rkv_lowering(id, obligation): the test probes a proposed lowering")
+    config.addinivalue_line("markers", "rkv_litmus(case): the litmus case the test exercises")
+    for ob in OBLIGATIONS:
+        config.addinivalue_line("markers", f"{_marker_name(ob.id)}: {ob.title} (added to its tests)")
+    rkv_config = get_config(config)
+    config.stash[CONFIG_KEY] = rkv_config
+    config.stash[RUNTIMES_KEY] = {}
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        config.pluginmanager.register(RowCollector(rkv_config.report_dir, rkv_config.backends), "rkv-rows")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # Keep each backend's tests on one xdist worker, so no two processes share a pool.
+    if getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    stop_all()  # backstop: nothing a fixture started may outlive the session
+
+
+def _marker_name(obligation_id: str) -> str:
+    return "rkv_" + obligation_id.replace("-", "_")
+
+
+def _subject(item: pytest.Item) -> Subject | None:
+    for kind in ("obligation", "substrate", "lowering"):
+        mark = item.get_closest_marker(f"rkv_{kind}")
+        if mark is not None:
+            return Subject(kind, mark.args[0])
+    return None
+
+
+# -- parametrization and collection ---------------------------------------------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "rkv_backend" in metafunc.fixturenames:
+        backends = metafunc.config.stash[CONFIG_KEY].backends
+        metafunc.parametrize("rkv_backend", backends, indirect=True, scope="session", ids=backends)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        subject = _subject(item)
+        if subject is None:
+            continue
+        known = {"obligation": OBLIGATIONS_BY_ID, "substrate": SUBSTRATES_BY_ID}.get(subject.kind)
+        if known is not None and subject.id not in known:
+            raise pytest.UsageError(f"{item.nodeid}: unknown {subject.kind} {subject.id!r}")
+        if subject.kind == "obligation":
+            item.add_marker(_marker_name(subject.id))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "rkv_backend" in callspec.params:
+            item.add_marker(pytest.mark.xdist_group(callspec.params["rkv_backend"]))
+
+
+# -- fixtures -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def rkv_config(pytestconfig: pytest.Config) -> RkvConfig:
+    return pytestconfig.stash[CONFIG_KEY]
+
+
+@pytest.fixture(scope="session")
+def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_factory):
+    """The started driver for one backend (session-scoped; parametrized by name)."""
+    name = request.param
+    workdir = rkv_config.report_dir / name
+    workdir.mkdir(parents=True, exist_ok=True)
+    settings = DriverSettings(
+        workdir=workdir,
+        url=rkv_config.url,
+        block_size=rkv_config.block_size,
+        model=rkv_config.model,
+        startup_timeout=rkv_config.startup_timeout,
+        reference_faults=rkv_config.reference_faults,
+    )
+    driver = driver_class(name)(settings)
+    request.addfinalizer(driver.stop)  # registered before start: a failed start cleans up too
+    driver.start()
+    request.config.stash[RUNTIMES_KEY][name] = driver.describe()
+    return driver
+
+
+@pytest.fixture
+def rkv(request: pytest.FixtureRequest, rkv_backend: Driver) -> Probe:
+    """A clean pool on a live backend, and the probe vocabulary to use it."""
+    rkv_backend.check_alive()
+    rkv_backend.reset()
+    evidence = request.node.stash.setdefault(EVIDENCE_KEY, {})
+    return Probe(rkv_backend, rkv_backend.info(), evidence.__setitem__)
+
+
+# -- outcomes -------------------------------------------------------------------------
+
+
+def _classify(call: pytest.CallInfo, report: pytest.TestReport) -> tuple[TestOutcome, str]:
+    if report.passed:
+        return TestOutcome.PASSED, ""
+    excinfo = call.excinfo
+    if excinfo is None:
+        return TestOutcome.ERROR, "no outcome recorded"
+    exc = excinfo.value
+    if isinstance(exc, Unsupported):
+        kind = TestOutcome.UNSUPPORTED if exc.scope == "feature" else TestOutcome.UNTESTABLE
+        return kind, exc.reason
+    if isinstance(exc, NotApplicable):
+        return TestOutcome.NOT_APPLICABLE, str(exc)
+    if report.skipped:
+        return TestOutcome.ERROR, f"skipped without an unsupported signal: {exc}"
+    message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    if isinstance(exc, (AssertionError, pytest.fail.Exception)) and report.when == "call":
+        return TestOutcome.FAILED, message[:2000]
+    return TestOutcome.ERROR, f"{report.when}: {message[:4000]}"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    subject = _subject(item)
+    callspec = getattr(item, "callspec", None)
+    if subject is None or callspec is None or "rkv_backend" not in callspec.params:
+        return report
+    if report.when == "call" or report.failed or (report.when == "setup" and report.skipped):
+        outcome, detail = _classify(call, report)
+        if outcome in (TestOutcome.UNSUPPORTED, TestOutcome.UNTESTABLE, TestOutcome.NOT_APPLICABLE):
+            path, lineno, _ = item.location
+            report.outcome = "skipped"
+            report.longrepr = (str(path), (lineno or 0) + 1, f"{outcome.value}: {detail}")
+        backend = callspec.params["rkv_backend"]
+        cls = driver_class(backend)
+        record = {
+            "nodeid": item.nodeid,
+            "backend": backend,
+            "depth": cls.depth,
+            "routed": cls.routed,
+            "kind": subject.kind,
+            "id": subject.id,
+            "outcome": outcome.value,
+            "detail": detail,
+            "evidence": item.stash.get(EVIDENCE_KEY, {}),
+            "runtime": item.config.stash[RUNTIMES_KEY].get(backend, {}),
+        }
+        report.user_properties.append((RESULT_KEY, json.dumps(record, sort_keys=True)))
+        item.user_properties[:] = [p for p in item.user_properties if p[0] not in ("rkv_outcome", RESULT_KEY)]
+        item.user_properties += [("rkv_backend", backend), (f"rkv_{subject.kind}", subject.id),
+                                 ("rkv_outcome", outcome.value)]
+    return report
+
+
+def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
+    for key, value in getattr(report, "user_properties", ()):
+        if key == RESULT_KEY and report.skipped:
+            outcome = json.loads(value)["outcome"]
+            if outcome == "unsupported":
+                return "unsupported", "u", "UNSUPPORTED"
+            if outcome == "untestable":
+                return "untestable", "t", "UNTESTABLE"
+            if outcome == "not_applicable":
+                return "not applicable", "n", "N/A"
+    return None

@@ -1,0 +1,114 @@
+"""Claim workloads, written in blocks and converted with the backend's block size.
+
+`Probe` is what an obligation test holds: the driver plus the vocabulary of the litmus
+cases (the canonical 80/60/70 geometry, prompts named by tag, evidence recording).
+Prompts are deterministic functions of (tag, blocks), so every process and every run
+sends the same tokens, and distinct tags never share a first block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable
+
+from pytest_rkv.contract import (
+    Claim,
+    ClaimRequest,
+    Completion,
+    CompletionRequest,
+    Event,
+    EventType,
+    RuntimeInfo,
+)
+from pytest_rkv.drivers.base import Driver, Reply
+
+# The canonical probe (in blocks): a pool of 80 usable blocks, a 60-block resident claim,
+# a 70-block active prefill. 60 + 70 > 80, so they cannot both fit.
+POOL_BLOCKS = 80
+RESIDENT_BLOCKS = 60
+ACTIVE_BLOCKS = 70
+
+VOCAB = 500  # token ids stay below this (the generated tiny models have a bigger vocab)
+
+
+def prompt_tokens(tag: str, blocks: int, block_size: int, extra_tokens: int = 0) -> list[int]:
+    seed = int.from_bytes(hashlib.sha256(tag.encode()).digest()[:8], "big")
+    rng = random.Random(seed)
+    return [rng.randrange(1, VOCAB) for _ in range(blocks * block_size + extra_tokens)]
+
+
+class Probe:
+    def __init__(self, driver: Driver, info: RuntimeInfo, record: Callable[[str, object], None]) -> None:
+        self.driver = driver
+        self.info = info
+        self.block_size = info.block_size
+        self._record = record
+        self._requests = 0
+
+    # -- prompts ---------------------------------------------------------------------
+    def tokens(self, tag: str, blocks: int, extra_tokens: int = 0) -> list[int]:
+        return prompt_tokens(tag, blocks, self.block_size, extra_tokens)
+
+    def request_id(self, label: str) -> str:
+        self._requests += 1
+        return f"rkv-{label}-{self._requests}"
+
+    # -- actions ---------------------------------------------------------------------
+    def claim(self, tag: str, blocks: int, strength: str = "hard", *, ttl_s: float | None = None,
+              demotable: bool = False, extra_tokens: int = 0) -> Reply[Claim]:
+        return self.driver.claim(ClaimRequest(
+            prompt_token_ids=self.tokens(tag, blocks, extra_tokens),
+            strength=strength, ttl_s=ttl_s, demotable=demotable,
+        ))
+
+    def accepted(self, tag: str, blocks: int, strength: str = "hard", **kw) -> Claim:
+        """A claim that the test needs accepted and resident to go on."""
+        claim = self.claim(tag, blocks, strength, **kw).unwrap()
+        assert claim.state.value == "resident", f"claim on {blocks} blocks is {claim.state.value}: {claim}"
+        return claim
+
+    def run(self, tag: str, blocks: int, *, extra_tokens: int = 0, max_tokens: int = 1,
+            claim_id: str | None = None, label: str | None = None) -> tuple[str, Reply[Completion]]:
+        """Send a completion for `blocks` blocks of prompt `tag` (+ extra tokens)."""
+        rid = self.request_id(label or tag)
+        reply = self.driver.complete(CompletionRequest(
+            prompt=self.tokens(tag, blocks, extra_tokens), max_tokens=max_tokens,
+            claim_id=claim_id, request_id=rid,
+        ))
+        return rid, reply
+
+    def reuse_query(self, tag: str, blocks: int, **kw) -> tuple[str, Reply[Completion]]:
+        """Ask for the prefix again plus one fresh token, so every prefix block can hit
+        (runtimes never serve a prompt's last token from cache)."""
+        return self.run(tag, blocks, extra_tokens=1, label=f"{tag}-again", **kw)
+
+    def cached_tokens(self, reply: Reply[Completion]) -> int:
+        return reply.unwrap().usage.prompt_tokens_details.cached_tokens
+
+    # -- evidence --------------------------------------------------------------------
+    def mark(self) -> int:
+        """The last event seq so far; later `events_since(mark)` shows only what follows."""
+        events = self.driver.events()
+        return events[-1].seq if events else 0
+
+    def block_mark(self) -> int:
+        events = self.driver.block_events()
+        return events[-1].seq if events else 0
+
+    def evicted_since(self, block_mark: int) -> int:
+        """How many block hashes block-level events report evicted after `block_mark`."""
+        return sum(len(e.block_hashes) or e.blocks for e in self.driver.block_events(after=block_mark)
+                   if e.type == EventType.BLOCKS_EVICTED)
+
+    def events_since(self, mark: int = 0) -> list[Event]:
+        return self.driver.events(after=mark)
+
+    def of_type(self, events: list[Event], *types: EventType) -> list[Event]:
+        return [e for e in events if e.type in types]
+
+    def record(self, key: str, value: object) -> None:
+        """Attach a JSON-able fact to this test's evidence (it lands in row.json)."""
+        json.dumps(value)  # fail here, in the test, if it is not JSON
+        self._record(key, value)

@@ -1,0 +1,71 @@
+"""Reuse attribution, trace-level outcome reconstruction, and placement."""
+
+import pytest
+
+from pytest_rkv.contract import EventType
+from pytest_rkv.errors import NotApplicable
+from pytest_rkv.trace import reconstruct
+
+
+@pytest.mark.rkv_obligation("reuse-attribution")
+@pytest.mark.rkv_litmus("accepted_hard_claims")
+def test_reuse_names_the_claim_and_its_tokens(rkv):
+    claim = rkv.accepted("attributed", 30)
+    mark = rkv.mark()
+    rid, again = rkv.reuse_query("attributed", 30)
+    _, unrelated = rkv.run("unrelated", 10, extra_tokens=1)
+    events = rkv.events_since(mark)
+    done = again.unwrap()
+    reuse = [(r.claim_id, r.tokens) for r in (done.rkv.reuse if done.rkv else [])]
+    rkv.record("reuse", reuse)
+    rkv.record("cached_tokens", done.usage.prompt_tokens_details.cached_tokens)
+    assert reuse == [(claim.claim_id, 30 * rkv.block_size)], f"reuse records: {reuse}"
+    assert [(e.claim_id, e.request_id) for e in events if e.type == EventType.CLAIM_REUSED] == [(claim.claim_id, rid)]
+    other = unrelated.unwrap().rkv
+    assert other is not None and other.reuse == [], "a request that shares nothing was attributed reuse"
+
+
+@pytest.mark.rkv_obligation("trace-reconstruction")
+@pytest.mark.rkv_litmus("trace_reconstruction")
+def test_the_event_log_alone_tells_what_happened(rkv):
+    """One run with five outcomes; reconstruct them from the events and compare with
+    what the API answered at the time."""
+    soft = rkv.accepted("trace-soft", 10, strength="soft")
+    hard = rkv.accepted("trace-hard", 40)
+    budget = rkv.driver.pool().claim_budget_blocks
+    refused_claim = rkv.claim("trace-refused", budget - 50 + 1)  # over budget
+    r1, first = rkv.run("trace-plain", 30)  # fits in the 30 free blocks
+    r2, second = rkv.run("trace-pressure", 35)  # evicts the 30 cached, then the soft claim
+    r3, third = rkv.run("trace-active", 70)  # blocked by the hard claim
+    r4, reuse = rkv.reuse_query("trace-hard", 40)
+    rkv.driver.release(hard.claim_id).unwrap()
+    assert not refused_claim.ok and first.ok and second.ok and not third.ok and reuse.ok, (
+        "the scenario did not unfold as the contract requires; see the other obligation tests"
+    )
+
+    seen = reconstruct(rkv.events_since(0))
+    rkv.record("outcomes", sorted(seen.outcomes()))
+    expected = {
+        "write_no_admit", "ordinary_eviction", "soft_priority", "active_refusal",
+        "accepted_hard_claims", "release",
+    }
+    assert expected <= seen.outcomes(), f"missing from the trace: {sorted(expected - seen.outcomes())}"
+    assert seen.claims[soft.claim_id].harmed_by == {r2}, "the soft claim's harm is not tied to its cause"
+    assert {"accepted_hard_claims", "release"} <= seen.claims[hard.claim_id].outcomes
+    assert seen.claims[hard.claim_id].reused_by == {r4}
+    assert seen.requests[r3].outcomes == {"active_refusal"} and seen.requests[r3].blocking_claims == {hard.claim_id}
+    assert "ordinary_eviction" in seen.requests[r2].outcomes
+    assert seen.requests[r1].outcomes == {"completed"}
+
+
+@pytest.mark.rkv_obligation("placement")
+@pytest.mark.rkv_litmus("accepted_hard_claims")
+def test_routed_reuse_names_the_worker_holding_the_claim(rkv):
+    if not rkv.driver.routed:
+        raise NotApplicable("a single-engine backend has no placement to attribute")
+    claim = rkv.accepted("placed", 20)
+    _, again = rkv.reuse_query("placed", 20)
+    reuse = [r for r in (again.unwrap().rkv.reuse if again.unwrap().rkv else []) if r.claim_id == claim.claim_id]
+    rkv.record("worker", claim.worker)
+    assert claim.worker, "a routed runtime must say which worker holds the claim"
+    assert reuse and reuse[0].worker == claim.worker, f"reuse served from {reuse}, claim held on {claim.worker}"

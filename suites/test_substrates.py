@@ -1,0 +1,52 @@
+"""Substrates: useful primitives a runtime may have without any claim support.
+
+They are recorded in the row and make a missing obligation an *approximation substrate*
+rather than *unknown*; they never count as obligations themselves.
+"""
+
+import pytest
+
+from pytest_rkv.contract import EventType
+from pytest_rkv.workload import ACTIVE_BLOCKS, RESIDENT_BLOCKS
+
+
+@pytest.mark.rkv_substrate("prefix_reuse")
+def test_repeated_prefix_is_served_from_cache(rkv):
+    _, first = rkv.run("shared", RESIDENT_BLOCKS)
+    _, again = rkv.reuse_query("shared", RESIDENT_BLOCKS)
+    rkv.record("cached_tokens_first", rkv.cached_tokens(first))
+    rkv.record("cached_tokens_again", rkv.cached_tokens(again))
+    assert rkv.cached_tokens(first) == 0, "a fresh prompt cannot have cached tokens"
+    assert rkv.cached_tokens(again) == RESIDENT_BLOCKS * rkv.block_size, (
+        f"the repeated {RESIDENT_BLOCKS}-block prefix should be served from cache"
+    )
+
+
+@pytest.mark.rkv_substrate("eviction_observable")
+def test_pressure_displaces_unclaimed_cache_visibly(rkv):
+    rkv.run("resident", RESIDENT_BLOCKS)
+    mark = rkv.block_mark()
+    _, active = rkv.run("active", ACTIVE_BLOCKS)
+    evicted = rkv.evicted_since(mark)
+    _, again = rkv.reuse_query("resident", RESIDENT_BLOCKS)
+    survived = rkv.cached_tokens(again) // rkv.block_size
+    rkv.record("active_admitted", active.ok)
+    rkv.record("resident_blocks_surviving", survived)
+    rkv.record("blocks_evicted_by_active", evicted)
+    assert active.ok, f"with no claim, the active request must run: {active.error}"
+    assert survived < RESIDENT_BLOCKS, "60 + 70 blocks cannot both fit in 80; something was lost"
+    assert evicted >= RESIDENT_BLOCKS - survived, (
+        f"{RESIDENT_BLOCKS - survived} resident blocks were lost but block events report {evicted} evictions"
+    )
+
+
+@pytest.mark.rkv_substrate("block_events")
+def test_block_events_are_published_in_order(rkv):
+    mark = rkv.block_mark()
+    rkv.run("events", 10)
+    events = rkv.driver.block_events(after=mark)
+    stored = sum(len(e.block_hashes) for e in events if e.type == EventType.BLOCKS_STORED)
+    rkv.record("blocks_stored", stored)
+    seqs = [e.seq for e in events]
+    assert stored >= 10, f"a 10-block prompt should store at least 10 blocks, events show {stored}"
+    assert seqs == sorted(set(seqs)), f"block event seq numbers are not strictly increasing: {seqs}"
