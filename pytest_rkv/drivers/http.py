@@ -146,9 +146,9 @@ class ReferenceHttpDriver(RkvHttpDriver):
         self.server = ManagedProcess(argv, log_path=log_path, name="rkv serve")
 
         def ready() -> bool:
-            found = _LISTEN.search(self.server.log_tail(200))
+            found = _LISTEN.findall(self.server.log_tail(200))
             if found:
-                self.base_url = found.group(1)
+                self.base_url = found[-1]
                 self.info()
                 return True
             return False

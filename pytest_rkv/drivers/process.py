@@ -64,7 +64,7 @@ class ManagedProcess:
     def start(self, ready: Callable[[], bool], timeout: float, poll: float = 0.25) -> None:
         """Launch and wait until `ready()` is true. On any failure, stop and raise."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "wb")  # one log per start: no stale lines from earlier runs
         try:
             self.proc = subprocess.Popen(
                 self.argv,
