@@ -56,13 +56,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RUNTIMES_KEY] = {}
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
         config.pluginmanager.register(RowCollector(rkv_config.report_dir, rkv_config.backends), "rkv-rows")
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_cmdline_main(config: pytest.Config) -> None:
-    # Keep each backend's tests on one xdist worker, so no two processes share a pool.
-    if getattr(config.option, "dist", "no") == "load":
-        config.option.dist = "loadgroup"
+        # Keep each backend's tests on one xdist worker, so no two processes share a pool.
+        # (xdist chose "load" for -n in its cmdline_main; workers copy options later.)
+        if getattr(config.option, "dist", "no") == "load":
+            config.option.dist = "loadgroup"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -118,6 +115,9 @@ def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_
     """The started driver for one backend (session-scoped; parametrized by name)."""
     name = request.param
     workdir = rkv_config.report_dir / name
+    worker = getattr(request.config, "workerinput", {}).get("workerid")
+    if worker:  # under xdist each worker keeps its own logs and sockets
+        workdir = workdir / worker
     workdir.mkdir(parents=True, exist_ok=True)
     settings = DriverSettings(
         workdir=workdir,
@@ -209,5 +209,5 @@ def pytest_report_teststatus(report: pytest.TestReport, config: pytest.Config):
             if outcome == "untestable":
                 return "untestable", "t", "UNTESTABLE"
             if outcome == "not_applicable":
-                return "not applicable", "n", "N/A"
+                return "inapplicable", "n", "N/A"
     return None

@@ -99,7 +99,8 @@ def test_failed_start_raises_with_log_tail_and_leaves_nothing(workdir):
     message = str(caught.value)
     assert "vLLM server exited with code" in message
     assert "vllm.entrypoints.openai.api_server" in message  # the command is shown
-    assert expected_in_log in caught.value.log_tail, caught.value.log_tail
+    assert "vLLM's first error:" in message and expected_in_log in message, message  # the root cause
+    assert caught.value.log_tail  # and the raw tail
     if expected_in_log == "No common block size":
         assert "multiple of 32" in message  # the driver's hint
     assert (workdir / "vllm-server.log").exists()

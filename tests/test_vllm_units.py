@@ -281,6 +281,17 @@ def test_ipc_path_length_guard(tmp_path):
     assert not server.ipc_path_fits(Path("/tmp/" + "d" * 120 + "/kv.sock"))
 
 
+def test_first_error_finds_the_root_cause_not_the_api_server_echo():
+    log = (
+        "(APIServer pid=1) WARNING [system_utils.py:255] failed with error `OSError: [Errno 24] Too many`\n"
+        "(Worker pid=3) ERROR [multiproc_executor.py:1063] Traceback (most recent call last):\n"
+        "(Worker pid=3) ERROR [multiproc_executor.py:1063] ValueError: No common block size for 16 (CPU_ATTN).\n"
+        "RuntimeError: Engine core initialization failed. See root cause above.\n"
+    )
+    assert server.first_error(log) == "ValueError: No common block size for 16 (CPU_ATTN)."
+    assert server.first_error("all fine\n") is None
+
+
 # -- geometry ---------------------------------------------------------------------------------
 
 GOOD_LOG = ("INFO [kv_cache_utils.py:2619] Overriding num_gpu_blocks=65536 with num_gpu_blocks_override=81\n"

@@ -47,10 +47,11 @@ class RkvHttpDriver(Driver):
             raise HarnessError("backend rkv-http needs --rkv-url (the RKV API v1 server to test)")
         try:
             self.info()
-        except requests.RequestException as exc:
+        except (HarnessError, ProtocolViolation, Unsupported) as exc:
             raise ServerStartError(
-                f"cannot reach an RKV API v1 server at {self.base_url}: {exc.__class__.__name__}: {exc}\n"
-                "  check that the server is running and that --rkv-url is right"
+                f"cannot reach an RKV API v1 server at {self.base_url}: {exc}\n"
+                "  check that the server is running, that --rkv-url is right, "
+                "and that it serves GET /v1/kv/info"
             ) from None
 
     def stop(self) -> None:

@@ -89,10 +89,7 @@ class VllmDriver(Driver):
             self.server = server_mod.launch(self.plan, timeout=self.settings.startup_timeout)
         except ServerStartError as exc:
             self._cleanup_socket_dir()
-            hint = self._start_hint(exc.log_tail)
-            if hint:
-                raise ServerStartError(f"{hint}\n{exc}") from None
-            raise
+            raise self._explained(exc) from None
         except BaseException:
             self._cleanup_socket_dir()
             raise
@@ -286,12 +283,23 @@ class VllmDriver(Driver):
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
 
-    def _start_hint(self, log_tail: str) -> str:
-        if "No common block size" in log_tail and self.build is not None and self.build.on_cpu:
-            return (f"block size {self.block_size} is not accepted by vLLM's CPU attention backend "
-                    f"(it needs a multiple of {build_mod.CPU_BLOCK_SIZE}); use --rkv-block-size "
-                    f"{build_mod.CPU_BLOCK_SIZE} or leave it unset")
-        return ""
+    def _explained(self, exc: ServerStartError) -> ServerStartError:
+        """The start error with vLLM's root cause (and a fix, when known) in front."""
+        assert self.plan is not None
+        log_text = self.plan.log_path.read_text(errors="replace") if self.plan.log_path.exists() else ""
+        lines = []
+        cause = server_mod.first_error(log_text)
+        if cause:
+            lines.append(f"vLLM's first error: {cause}")
+        if "No common block size" in log_text and self.build is not None and self.build.on_cpu:
+            lines.append(f"hint: block size {self.block_size} is not accepted by vLLM's CPU attention "
+                         f"backend (it needs a multiple of {build_mod.CPU_BLOCK_SIZE}); use "
+                         f"--rkv-block-size {build_mod.CPU_BLOCK_SIZE} or leave it unset")
+        if not lines:
+            return exc
+        explained = ServerStartError("\n".join([*lines, str(exc)]))
+        explained.log_tail = exc.log_tail
+        return explained
 
 
 # -- request/response mapping (pure) -------------------------------------------------------

@@ -30,6 +30,7 @@ Why each non-obvious flag is there:
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -140,6 +141,19 @@ def plan_server(
     return ServerPlan(argv=argv, env=env, port=port, events_endpoint=events_endpoint,
                       replay_endpoint=replay_endpoint, served_name=model.served_name,
                       block_size=block_size, log_path=workdir / LOG_NAME)
+
+
+_ERROR_LINE = re.compile(r"(?:^|\] )([A-Z]\w*(?:Error|Exception)): (.+)$", re.MULTILINE)
+
+
+def first_error(log_text: str) -> str | None:
+    """The first `SomeError: message` line of the server log.
+
+    vLLM's engine and worker processes log the root cause first; the API server then
+    fails with a generic "Engine core initialization failed" traceback that fills the
+    log tail. Showing the first error saves a trip to the full log."""
+    found = _ERROR_LINE.search(log_text)
+    return f"{found.group(1)}: {found.group(2).strip()}" if found else None
 
 
 def launch(plan: ServerPlan, timeout: float) -> ManagedProcess:

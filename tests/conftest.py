@@ -1,0 +1,32 @@
+"""Self-test helpers: run the real suites in a child pytest and read the rows it wrote."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+SUITES = Path(__file__).resolve().parent.parent / "suites"
+
+
+class SuiteRun:
+    def __init__(self, result, report_dir: Path) -> None:
+        self.result = result
+        self.report_dir = report_dir
+
+    def row(self, backend: str) -> dict:
+        path = self.report_dir / backend / "row.json"
+        assert path.exists(), f"no row for {backend}; output:\n{self.result.stdout.str()[-3000:]}"
+        return json.loads(path.read_text())
+
+
+@pytest.fixture
+def run_suites(pytester, tmp_path):
+    """run_suites(*args, subprocess=False) -> SuiteRun over the real suites/ directory."""
+
+    def run(*args: str, subprocess: bool = False, **kw) -> SuiteRun:
+        report_dir = tmp_path / f"report-{len(list(tmp_path.iterdir()))}"
+        argv = [str(SUITES), "-p", "no:cacheprovider", "--rkv-report-dir", str(report_dir), *args]
+        runner = pytester.runpytest_subprocess if subprocess else pytester.runpytest
+        return SuiteRun(runner(*argv, **kw), report_dir)
+
+    return run
