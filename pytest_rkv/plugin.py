@@ -30,6 +30,7 @@ from pytest_rkv.workload import Probe
 CONFIG_KEY = pytest.StashKey[RkvConfig]()
 EVIDENCE_KEY = pytest.StashKey[dict]()
 RUNTIMES_KEY = pytest.StashKey[dict]()  # backend name -> describe() dict, per process
+CURSORS_KEY = pytest.StashKey[dict]()  # backend name -> last block-event seq captured
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ def pytest_configure(config: pytest.Config) -> None:
     rkv_config = get_config(config)
     config.stash[CONFIG_KEY] = rkv_config
     config.stash[RUNTIMES_KEY] = {}
+    config.stash[CURSORS_KEY] = {}
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
         config.pluginmanager.register(RowCollector(rkv_config.report_dir, rkv_config.backends), "rkv-rows")
         # Keep each backend's tests on one xdist worker, so no two processes share a pool.
@@ -166,6 +168,26 @@ def _classify(call: pytest.CallInfo, report: pytest.TestReport) -> tuple[TestOut
     return TestOutcome.ERROR, f"{report.when}: {message[:4000]}"
 
 
+def _capture_trace(item: pytest.Item, backend: str) -> list[dict]:
+    """The events the test left behind: the RKV lifecycle stream if the backend has one,
+    else its block-level feed since the previous test. Best effort: a dead backend gives
+    no trace, and that must not hide the test's own outcome."""
+    probe = item.funcargs.get("rkv")
+    if not isinstance(probe, Probe):
+        return []
+    try:
+        try:
+            events = probe.driver.events()
+        except Unsupported:
+            cursors = item.config.stash[CURSORS_KEY]
+            events = probe.driver.block_events(after=cursors.get(backend, 0))
+            if events:
+                cursors[backend] = events[-1].seq
+    except Exception:
+        return []
+    return [e.model_dump(mode="json") for e in events]
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     report = yield
@@ -192,6 +214,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             "detail": detail,
             "evidence": item.stash.get(EVIDENCE_KEY, {}),
             "runtime": item.config.stash[RUNTIMES_KEY].get(backend, {}),
+            "events": _capture_trace(item, backend) if report.when == "call" else [],
         }
         report.user_properties.append((RESULT_KEY, json.dumps(record, sort_keys=True)))
         item.user_properties[:] = [p for p in item.user_properties if p[0] not in ("rkv_outcome", RESULT_KEY)]

