@@ -55,6 +55,50 @@ def _openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _suite_manifest(args: argparse.Namespace) -> int:
+    import ast
+    from pathlib import Path
+
+    from pytest_rkv.certify import MANIFEST, manifest_for
+    from pytest_rkv.contract import SUITE_VERSION
+
+    suite_dir = Path(args.suite_dir).resolve()
+    manifest = manifest_for(suite_dir, SUITE_VERSION)
+    manifest["tests"] = sorted(
+        f"{path.name}::{node.name}"
+        for path in sorted(suite_dir.glob("test_*.py"))
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")
+    )
+    text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    if args.check:
+        if MANIFEST.read_text() != text:
+            print(f"{MANIFEST} is out of date with {suite_dir}; run `rkv suite-manifest {args.suite_dir}`", file=sys.stderr)
+            return 1
+        print(f"{MANIFEST} matches {suite_dir}")
+        return 0
+    MANIFEST.write_text(text)
+    print(f"wrote {MANIFEST}: suite {SUITE_VERSION}, {len(manifest['files'])} files, {len(manifest['tests'])} tests")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pytest_rkv.bundle import verify
+
+    bundle = Path(args.bundle)
+    if not bundle.is_dir():
+        print(f"rkv verify: {bundle} is not a bundle directory", file=sys.stderr)
+        return 2
+    checks = verify(bundle)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if not c.ok]
+    print(f"{bundle}: {'NOT VERIFIED' if failed else 'verified'} ({len(checks) - len(failed)}/{len(checks)} checks passed)")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rkv", description="pytest-rkv: Resident KV Claims conformance")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=_serve)
 
     sub.add_parser("catalogue", help="print the obligation catalogue").set_defaults(func=_catalogue)
+
+    m = sub.add_parser("suite-manifest", help="hash the suite into the package's suite_manifest.json")
+    m.add_argument("suite_dir", nargs="?", default="suites")
+    m.add_argument("--check", action="store_true", help="only check that the manifest is up to date")
+    m.set_defaults(func=_suite_manifest)
+
+    v = sub.add_parser("verify", help="check an evidence bundle, independently of the run")
+    v.add_argument("bundle", help="a bundle directory: <report-dir>/<backend>")
+    v.set_defaults(func=_verify)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_openapi)
 
     args = parser.parse_args(argv)

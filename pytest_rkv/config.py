@@ -43,6 +43,13 @@ class RkvConfig:
     model: str | None
     startup_timeout: float
     reference_faults: frozenset[str]
+    certify: bool
+
+
+CERTIFY_HELP = (
+    "certify the rows: refuse test selection, deselection, --lf, xfail overrides and a "
+    "modified suite; every obligation must run; bundles are marked certified"
+)
 
 
 def add_options(parser: pytest.Parser) -> None:
@@ -50,6 +57,8 @@ def add_options(parser: pytest.Parser) -> None:
     for name, (help_text, default) in OPTIONS.items():
         group.addoption(f"--rkv-{name}", dest=f"rkv_{name.replace('-', '_')}", default=None, help=help_text)
         parser.addini(f"rkv_{name.replace('-', '_')}", help_text, default=default)
+    group.addoption("--rkv-certify", dest="rkv_certify", action="store_true", default=None, help=CERTIFY_HELP)
+    parser.addini("rkv_certify", CERTIFY_HELP, type="bool", default=False)
 
 
 def _value(config: pytest.Config, name: str) -> str | None:
@@ -113,4 +122,5 @@ def get_config(config: pytest.Config) -> RkvConfig:
         model=_value(config, "model"),
         startup_timeout=startup_s,
         reference_faults=faults,
+        certify=bool(config.getoption("rkv_certify") or config.getini("rkv_certify")),
     )

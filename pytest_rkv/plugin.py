@@ -18,13 +18,15 @@ from dataclasses import dataclass
 
 import pytest
 
+from pytest_rkv.certify import command_line, environment, invocation_problems, suite_files, suite_hash, target_dir
 from pytest_rkv.config import RkvConfig, add_options, get_config
 from pytest_rkv.contract import OBLIGATIONS, OBLIGATIONS_BY_ID, SUBSTRATES_BY_ID, TestOutcome
 from pytest_rkv.drivers.base import Driver, DriverSettings
 from pytest_rkv.drivers.process import stop_all
 from pytest_rkv.drivers.registry import driver_class
 from pytest_rkv.errors import NotApplicable, Unsupported
-from pytest_rkv.report import RESULT_KEY, RowCollector
+from pytest_rkv.bundle import RowCollector, bundle_dir
+from pytest_rkv.report import RESULT_KEY
 from pytest_rkv.workload import Probe
 
 CONFIG_KEY = pytest.StashKey[RkvConfig]()
@@ -57,11 +59,32 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[RUNTIMES_KEY] = {}
     config.stash[CURSORS_KEY] = {}
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
-        config.pluginmanager.register(RowCollector(rkv_config.report_dir, rkv_config.backends), "rkv-rows")
+        if rkv_config.certify:
+            problems = invocation_problems(config.option, config.args)
+            if problems:
+                raise pytest.UsageError(
+                    "--rkv-certify refuses this run, a certified row needs the whole released suite:\n  "
+                    + "\n  ".join(problems)
+                )
+        suite = target_dir(config.args)
+        run = {
+            "certified": rkv_config.certify,
+            "suite_hash": suite_hash(suite_files(suite)) if suite else "unidentified",
+            "environment": environment(),
+            "command_line": command_line(),
+        }
+        config.pluginmanager.register(RowCollector(rkv_config.report_dir, rkv_config.backends, run), "rkv-rows")
         # Keep each backend's tests on one xdist worker, so no two processes share a pool.
         # (xdist chose "load" for -n in its cmdline_main; workers copy options later.)
         if getattr(config.option, "dist", "no") == "load":
             config.option.dist = "loadgroup"
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    if items and items[0].config.stash[CONFIG_KEY].certify:
+        raise pytest.UsageError(
+            f"--rkv-certify refuses this run: {len(items)} tests were deselected (e.g. {items[0].nodeid})"
+        )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -116,7 +139,7 @@ def rkv_config(pytestconfig: pytest.Config) -> RkvConfig:
 def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_factory):
     """The started driver for one backend (session-scoped; parametrized by name)."""
     name = request.param
-    workdir = rkv_config.report_dir / name
+    workdir = bundle_dir(rkv_config.report_dir, name)
     worker = getattr(request.config, "workerinput", {}).get("workerid")
     if worker:  # under xdist each worker keeps its own logs and sockets
         workdir = workdir / worker
