@@ -99,6 +99,27 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _matrix(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pytest_rkv.matrix import html_page, markdown, row_from_bundle
+
+    rows = []
+    for given in args.paths:
+        path = Path(given)
+        if (path / "row.json").exists() or path.name == "row.json":
+            rows.append(row_from_bundle(path))
+        else:
+            print(f"rkv matrix: {path} is neither a bundle (a directory with row.json) nor a row.json", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "matrix.md").write_text(markdown(rows))
+    (out / "matrix.html").write_text(html_page(rows, base=out))
+    print(f"wrote {out / 'matrix.md'} and {out / 'matrix.html'} ({len(rows)} rows)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rkv", description="pytest-rkv: Resident KV Claims conformance")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("suite_dir", nargs="?", default="suites")
     m.add_argument("--check", action="store_true", help="only check that the manifest is up to date")
     m.set_defaults(func=_suite_manifest)
+
+    x = sub.add_parser("matrix", help="render the conformance matrix (Markdown and HTML)")
+    x.add_argument("paths", nargs="+", help="bundle directories or row.json files")
+    x.add_argument("--out", default="reports", help="output directory (default: reports)")
+    x.set_defaults(func=_matrix)
 
     v = sub.add_parser("verify", help="check an evidence bundle, independently of the run")
     v.add_argument("bundle", help="a bundle directory: <report-dir>/<backend>")

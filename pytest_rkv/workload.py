@@ -39,6 +39,52 @@ def prompt_tokens(tag: str, blocks: int, block_size: int, extra_tokens: int = 0)
     return [rng.randrange(1, VOCAB) for _ in range(blocks * block_size + extra_tokens)]
 
 
+class Timeline:
+    """Pool occupancy through the canonical probe, step by step, for the matrix's plot.
+
+    Occupancy comes from block-level events (which blocks the resident prompt stored, which
+    of those were later evicted), so it reads the same on a claim runtime and on a stock one.
+    Steps: one dict each, {"step", "resident", "active", "free", "mark"}.
+    """
+
+    def __init__(self, probe: "Probe") -> None:
+        self.probe = probe
+        self.steps: list[dict] = []
+        self._resident: set[str] = set()
+        self._mark = probe.block_mark()
+
+    def _new_events(self) -> tuple[set[str], set[str]]:
+        events = self.probe.driver.block_events(after=self._mark)
+        if events:
+            self._mark = events[-1].seq
+        stored = {h for e in events if e.type == EventType.BLOCKS_STORED for h in e.block_hashes}
+        evicted = {h for e in events if e.type == EventType.BLOCKS_EVICTED for h in e.block_hashes}
+        return stored, evicted
+
+    def _add(self, label: str, active: int, mark: str | None) -> None:
+        resident = len(self._resident)
+        self.steps.append({"step": label, "resident": resident, "active": active,
+                           "free": max(0, POOL_BLOCKS - resident - active), "mark": mark})
+
+    def resident_written(self, label: str) -> None:
+        stored, _ = self._new_events()
+        self._resident |= stored
+        self._add(label, 0, None)
+
+    def active_ran(self, label: str, admitted: bool, blocks: int = ACTIVE_BLOCKS) -> None:
+        _, evicted = self._new_events()
+        lost = len(self._resident & evicted)
+        self._resident -= evicted
+        self._add(label, blocks if admitted else 0, "admitted" if admitted else "refused")
+        self.steps[-1]["resident_lost"] = lost
+
+    def resident_measured(self, label: str, cached_blocks: int) -> None:
+        self._new_events()
+        self._add(label, 0, None)
+        self.steps[-1]["resident"] = cached_blocks
+        self.steps[-1]["free"] = POOL_BLOCKS - cached_blocks
+
+
 class Probe:
     def __init__(self, driver: Driver, info: RuntimeInfo, record: Callable[[str, object], None]) -> None:
         self.driver = driver
@@ -107,6 +153,9 @@ class Probe:
 
     def of_type(self, events: list[Event], *types: EventType) -> list[Event]:
         return [e for e in events if e.type in types]
+
+    def timeline(self) -> Timeline:
+        return Timeline(self)
 
     def record(self, key: str, value: object) -> None:
         """Attach a JSON-able fact to this test's evidence (it lands in row.json)."""

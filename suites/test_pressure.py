@@ -9,11 +9,16 @@ from pytest_rkv.workload import ACTIVE_BLOCKS, POOL_BLOCKS, RESIDENT_BLOCKS
 @pytest.mark.rkv_obligation("active-refusal")
 @pytest.mark.rkv_litmus("active_refusal")
 def test_canonical_probe_refuses_the_active_request_and_names_the_claim(rkv):
+    timeline = rkv.timeline()
     claim = rkv.accepted("resident", RESIDENT_BLOCKS)
+    timeline.resident_written(f"{RESIDENT_BLOCKS}-block hard claim resident")
     mark = rkv.mark()
     rid, active = rkv.run("active", ACTIVE_BLOCKS)
+    timeline.active_ran(f"{ACTIVE_BLOCKS}-block prefill", admitted=active.ok)
     after = rkv.driver.get_claim(claim.claim_id).unwrap()
     _, again = rkv.reuse_query("resident", RESIDENT_BLOCKS)
+    timeline.resident_measured("resident re-queried", rkv.cached_tokens(again) // rkv.block_size)
+    rkv.record("timeline", timeline.steps)
     refusals = [e for e in rkv.events_since(mark) if e.type == EventType.REQUEST_REFUSED]
     rkv.record("active_status", active.status)
     rkv.record("refusal", active.error.model_dump(mode="json") if active.error else None)

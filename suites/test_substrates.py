@@ -24,12 +24,17 @@ def test_repeated_prefix_is_served_from_cache(rkv):
 
 @pytest.mark.rkv_substrate("eviction_observable")
 def test_pressure_displaces_unclaimed_cache_visibly(rkv):
+    timeline = rkv.timeline()
     rkv.run("resident", RESIDENT_BLOCKS)
+    timeline.resident_written(f"{RESIDENT_BLOCKS}-block prompt cached (no claim)")
     mark = rkv.block_mark()
     _, active = rkv.run("active", ACTIVE_BLOCKS)
     evicted = rkv.evicted_since(mark)
+    timeline.active_ran(f"{ACTIVE_BLOCKS}-block prefill", admitted=active.ok)
     _, again = rkv.reuse_query("resident", RESIDENT_BLOCKS)
     survived = rkv.cached_tokens(again) // rkv.block_size
+    timeline.resident_measured("resident re-queried", survived)
+    rkv.record("timeline", timeline.steps)
     rkv.record("active_admitted", active.ok)
     rkv.record("resident_blocks_surviving", survived)
     rkv.record("blocks_evicted_by_active", evicted)

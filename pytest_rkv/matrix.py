@@ -1,0 +1,196 @@
+"""The conformance matrix: a row per runtime/lowering, a column per obligation.
+
+Input rows come from evidence bundles (`<report-dir>/<backend>/`, run-backed) and, when
+the lowering checker is given descriptors, from static descriptor rows. Output:
+
+* `matrix.md`   - Markdown: label codes per cell, the reasons listed under the table;
+* `matrix.html` - one self-contained page (inline CSS, PNGs embedded): the reason of each
+                  cell on hover and in an expandable note, links to the evidence, and for each
+                  run-backed row a timeline of the canonical probe (pool occupancy by resident,
+                  active and other blocks, with the refusal or admission marked).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pytest_rkv.contract import OBLIGATIONS, Label
+
+CODES = {
+    Label.NATIVE.value: "N",
+    Label.ADAPTER.value: "A",
+    Label.APPROXIMATION.value: "S",
+    Label.REJECTED.value: "R",
+    Label.UNKNOWN.value: "?",
+    None: "-",
+}
+COLOURS = {"N": "#1a7f37", "A": "#4f7fd1", "S": "#c9a227", "R": "#cf222e", "?": "#8c959f", "-": "#eaeef2"}
+
+
+@dataclass
+class MatrixRow:
+    name: str
+    label: str
+    reason: str
+    cells: dict[str, tuple[str | None, str]]  # obligation id -> (label, reason)
+    source: str  # path of the evidence (row.json or descriptor)
+    kind: str  # "run" or "static"
+    timeline: list[dict] = field(default_factory=list)
+    timeline_from: str = ""
+
+
+def row_from_bundle(path: Path) -> MatrixRow:
+    row_path = path / "row.json" if path.is_dir() else path
+    row = json.loads(row_path.read_text())
+    cells = {ob.id: (row["obligations"].get(ob.id, {}).get("label"), row["obligations"].get(ob.id, {}).get("reason", ""))
+             for ob in OBLIGATIONS}
+    timeline, source = _timeline(row)
+    return MatrixRow(
+        name=f"{row['backend']} ({row.get('runtime')} {row.get('runtime_version') or ''})".strip(),
+        label=row["label"], reason=row["reason"], cells=cells, source=str(row_path),
+        kind="run", timeline=timeline, timeline_from=source,
+    )
+
+
+def _timeline(row: dict) -> tuple[list[dict], str]:
+    """The canonical probe's timeline: from the claim test when the backend has claims,
+    else from the same probe without a claim (stock behaviour)."""
+    for test in row["obligations"].get("active-refusal", {}).get("tests", []):
+        if test.get("evidence", {}).get("timeline"):
+            return test["evidence"]["timeline"], "60-block hard claim, 70-block prefill"
+    for test in row["substrates"].get("eviction_observable", {}).get("tests", []):
+        if test.get("evidence", {}).get("timeline"):
+            return test["evidence"]["timeline"], "no claim API: 60-block cached prompt, 70-block prefill"
+    return [], ""
+
+
+# -- Markdown -------------------------------------------------------------------------
+
+
+def markdown(rows: list[MatrixRow]) -> str:
+    head = "| row | label | " + " | ".join(f"`{ob.id}`" for ob in OBLIGATIONS) + " |"
+    lines = [
+        "# Resident KV Claims conformance matrix",
+        "",
+        "Codes: **N** native conformance, **A** adapter-scoped evidence, **S** approximation "
+        "substrate, **R** rejected mapping, **?** unknown evidence, **-** not applicable. "
+        "Run-backed rows come from evidence bundles; static rows from descriptors alone.",
+        "",
+        head,
+        "|" + "---|" * (len(OBLIGATIONS) + 2),
+    ]
+    for r in rows:
+        codes = " | ".join(CODES.get(r.cells[ob.id][0], "?") for ob in OBLIGATIONS)
+        lines.append(f"| {r.name} ({r.kind}) | {r.label} | {codes} |")
+    lines += ["", "## Reasons", ""]
+    for r in rows:
+        lines += [f"### {r.name}", "", f"{r.label}: {r.reason} (evidence: `{r.source}`)", ""]
+        lines += [f"- `{ob_id}`: {label or 'not applicable'}: {reason}" for ob_id, (label, reason) in r.cells.items()]
+        if r.timeline:
+            lines += ["", f"Canonical probe ({r.timeline_from}): " + "; ".join(
+                f"{s['step']}: resident {s['resident']}" + (f" ({s['mark']})" if s.get("mark") else "")
+                for s in r.timeline)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- HTML -----------------------------------------------------------------------------
+
+
+def timeline_png(row: MatrixRow) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = row.timeline
+    x = list(range(len(steps)))
+    resident = [s["resident"] for s in steps]
+    active = [s["active"] for s in steps]
+    other = [s["free"] for s in steps]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
+    ax.bar(x, resident, color="#4f7fd1", label="resident prefix")
+    ax.bar(x, active, bottom=resident, color="#f0883e", label="active request")
+    ax.bar(x, other, bottom=[r + a for r, a in zip(resident, active)], color="#d0d7de", label="free / other cache")
+    for i, s in enumerate(steps):
+        if s.get("mark") == "refused":
+            ax.annotate("refused", (i, 82), ha="center", color="#cf222e", fontweight="bold")
+        elif s.get("mark") == "admitted":
+            lost = s.get("resident_lost", 0)
+            ax.annotate(f"admitted, {lost} resident blocks evicted" if lost else "admitted",
+                        (i, 82), ha="center", color="#9a6700", fontweight="bold")
+        ax.text(i, max(s["resident"] / 2, 2), str(s["resident"]), ha="center", color="white", fontweight="bold")
+    ax.set_xticks(x, [s["step"] for s in steps], fontsize=8)
+    ax.set_ylim(0, 92)
+    ax.set_ylabel("blocks (pool of 80)")
+    ax.set_title(f"{row.name}: {row.timeline_from}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def html_page(rows: list[MatrixRow], base: Path | None = None) -> str:
+    esc = html.escape
+    head_cells = "".join(f"<th title='{esc(ob.statement)}'>{esc(ob.id)}</th>" for ob in OBLIGATIONS)
+    body = []
+    for r in rows:
+        link = _link(r.source, base)
+        cells = []
+        for ob in OBLIGATIONS:
+            label, reason = r.cells[ob.id]
+            code = CODES.get(label, "?")
+            cells.append(
+                f"<td class='c' style='background:{COLOURS[code]}' title='{esc(f'{label}: {reason}')}'>"
+                f"<details><summary>{code}</summary><span>{esc(label or 'not applicable')}: {esc(reason)}</span></details></td>"
+            )
+        body.append(
+            f"<tr><th class='r'><a href='{esc(link)}'>{esc(r.name)}</a><br><small>{esc(r.kind)}</small></th>"
+            f"<td title='{esc(r.reason)}'><b>{esc(r.label)}</b></td>{''.join(cells)}</tr>"
+        )
+    plots = []
+    for r in rows:
+        if r.timeline:
+            data = base64.b64encode(timeline_png(r)).decode()
+            plots.append(f"<figure><img alt='timeline of {esc(r.name)}' src='data:image/png;base64,{data}'>"
+                         f"<figcaption>{esc(r.name)}: {esc(r.timeline_from)}</figcaption></figure>")
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Resident KV Claims conformance matrix</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #1f2328; }}
+table {{ border-collapse: collapse; font-size: 13px; }}
+th, td {{ border: 1px solid #d0d7de; padding: 4px 6px; vertical-align: top; }}
+th {{ background: #f6f8fa; }} th.r {{ text-align: left; }}
+td.c {{ color: white; text-align: center; min-width: 2.2em; }}
+td.c details span {{ display: block; color: #1f2328; background: white; padding: 3px; max-width: 16em; text-align: left; }}
+summary {{ cursor: pointer; font-weight: bold; }}
+figure {{ display: inline-block; margin: 1em 1em 0 0; }} figcaption {{ font-size: 12px; }}
+</style></head><body>
+<h1>Resident KV Claims conformance matrix</h1>
+<p>N native conformance · A adapter-scoped evidence · S approximation substrate · R rejected mapping ·
+? unknown evidence · - not applicable. Hover or open a cell for its reason; row names link to the evidence.</p>
+<table><tr><th>row</th><th>label</th>{head_cells}</tr>
+{''.join(body)}
+</table>
+<h2>The canonical probe, per run-backed row</h2>
+<p>Pool occupancy at each step of the 80 / 60 / 70 probe: does the resident survive the active prefill?</p>
+{''.join(plots) or '<p>No run-backed rows.</p>'}
+</body></html>
+"""
+
+
+def _link(source: str, base: Path | None) -> str:
+    path = Path(source)
+    if base is not None:
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            pass
+    return path.resolve().as_uri()
