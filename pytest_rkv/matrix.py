@@ -89,7 +89,7 @@ def markdown(rows: list[MatrixRow]) -> str:
         lines.append(f"| {r.name} ({r.kind}) | {r.label} | {codes} |")
     lines += ["", "## Reasons", ""]
     for r in rows:
-        lines += [f"### {r.name}", "", f"{r.label}: {r.reason} (evidence: `{r.source}`)", ""]
+        lines += [f"### {r.name}", "", f"{r.label}: {r.reason} (evidence: `{_shown(r.source)}`)", ""]
         lines += [f"- `{ob_id}`: {label or 'not applicable'}: {reason}" for ob_id, (label, reason) in r.cells.items()]
         if r.timeline:
             lines += ["", f"Canonical probe ({r.timeline_from}): " + "; ".join(
@@ -160,7 +160,7 @@ def html_page(rows: list[MatrixRow], base: Path | None = None) -> str:
         if r.timeline:
             data = base64.b64encode(timeline_png(r)).decode()
             plots.append(f"<figure><img alt='timeline of {esc(r.name)}' src='data:image/png;base64,{data}'>"
-                         f"<figcaption>{esc(r.name)}: {esc(r.timeline_from)}</figcaption></figure>")
+                         f"<figcaption><b>{esc(r.label)}</b>: {esc(r.reason)}</figcaption></figure>")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Resident KV Claims conformance matrix</title>
 <style>
@@ -184,6 +184,14 @@ figure {{ display: inline-block; margin: 1em 1em 0 0; }} figcaption {{ font-size
 {''.join(plots) or '<p>No run-backed rows.</p>'}
 </body></html>
 """
+
+
+def _shown(source: str) -> str:
+    """A path as a reader of the committed report should see it: relative when possible."""
+    try:
+        return str(Path(source).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return source
 
 
 def _link(source: str, base: Path | None) -> str:
