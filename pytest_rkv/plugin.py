@@ -80,10 +80,21 @@ def pytest_configure(config: pytest.Config) -> None:
             config.option.dist = "loadgroup"
 
 
+DESELECTED_KEY = pytest.StashKey[list]()
+
+
 def pytest_deselected(items: list[pytest.Item]) -> None:
-    if items and items[0].config.stash[CONFIG_KEY].certify:
-        raise pytest.UsageError(
-            f"--rkv-certify refuses this run: {len(items)} tests were deselected (e.g. {items[0].nodeid})"
+    if items:
+        items[0].config.stash.setdefault(DESELECTED_KEY, []).extend(item.nodeid for item in items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    deselected = session.config.stash.get(DESELECTED_KEY, [])
+    if deselected and session.config.stash[CONFIG_KEY].certify:
+        pytest.exit(
+            f"--rkv-certify refuses this run: {len(deselected)} tests were deselected "
+            f"(e.g. {deselected[0]}); a certified row needs the whole released suite",
+            returncode=pytest.ExitCode.USAGE_ERROR,
         )
 
 

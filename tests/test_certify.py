@@ -181,6 +181,20 @@ def test_certify_refuses_selection(run_suites, args, why):
     run.result.stderr.fnmatch_lines(["*--rkv-certify refuses this run*", f"*{why}*"])
 
 
+def test_certify_refuses_a_plugin_that_deselects(run_suites, pytester):
+    pytester.makepyfile(dropper='''
+def pytest_collection_modifyitems(config, items):
+    dropped = [i for i in items if "expired" in i.name]
+    items[:] = [i for i in items if i not in dropped]
+    config.hook.pytest_deselected(items=dropped)
+''')
+    pytester.syspathinsert()
+    run = run_suites("--rkv-certify", "-p", "dropper")
+    assert run.result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "1 tests were deselected" in run.result.stdout.str() + run.result.stderr.str()
+    assert not (run.report_dir / "reference" / "row.json").exists()
+
+
 def test_certify_refuses_last_failed(pytester):
     result = pytester.runpytest(str(SUITES), "--rkv-certify", "--lf")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
