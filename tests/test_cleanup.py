@@ -1,0 +1,57 @@
+"""Servers the suite starts never outlive it; `rkv-http` tests a server someone else runs."""
+
+import signal
+import subprocess
+import sys
+import time
+
+from pytest_rkv.drivers.process import ManagedProcess
+from tests.conftest import SUITES
+
+
+def _servers() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "pytest_rkv.cli serve" in line]
+
+
+def test_ctrl_c_during_a_run_leaves_no_server(tmp_path):
+    before = set(_servers())
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pytest", str(SUITES), "--rkv-backend=reference-http",
+         "--rkv-report-dir", str(tmp_path), "-p", "no:cacheprovider", "-q",
+         "-k", "expired"],  # the one test that waits on a real clock: a window to interrupt
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not set(_servers()) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    started = set(_servers()) - before
+    assert started, "the run never started its server"
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode == 2, output  # pytest's "interrupted"
+    assert not started & set(_servers()), f"server(s) {started} survived Ctrl-C:\n{output}"
+
+
+def test_rkv_http_against_a_running_server_is_native(run_suites, tmp_path):
+    server = ManagedProcess([sys.executable, "-m", "pytest_rkv.cli", "serve", "--port", "0"],
+                            log_path=tmp_path / "serve.log", name="rkv serve")
+    url = []
+
+    def ready() -> bool:
+        for line in server.log_tail(5).splitlines():
+            if "listening on" in line:
+                url.append(line.split("listening on ")[1].split()[0])
+                return True
+        return False
+
+    server.start(ready, timeout=30)
+    try:
+        run = run_suites("--rkv-backend=rkv-http", f"--rkv-url={url[0]}")
+        row = run.row("rkv-http")
+        assert row["label"] == "native conformance", row["reason"]
+        assert row["runtime"] == "pytest-rkv-reference"
+    finally:
+        server.stop()
+    assert server.proc.pid not in _servers()
