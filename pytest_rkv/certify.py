@@ -102,7 +102,9 @@ def redact(text: str) -> str:
         if SECRET_NAME.search(name) and len(value) >= 4:
             text = text.replace(value, f"<redacted:{name}>")
     text = re.sub(r"(://[^/\s:@]+):[^@\s/]+@", r"\1:<redacted>@", text)
-    return re.sub(r"(?i)((?:--)?[\w-]*(?:token|secret|password|api[_-]?key)[\w-]*[= ])(\S+)", r"\1<redacted>", text)
+    # --hf-token X, --api-key=X, HF_TOKEN=X: an option or variable named like a secret
+    text = re.sub(r"(?i)(--[\w-]*(?:token|secret|password|api[_-]?key)[\w-]*[= ])(\S+)", r"\1<redacted>", text)
+    return re.sub(r"\b([A-Z_]*(?:TOKEN|SECRET|PASSWORD|API_KEY)[A-Z_]*=)(\S+)", r"\1<redacted>", text)
 
 
 def command_line() -> list[str]:

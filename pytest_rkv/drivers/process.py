@@ -1,9 +1,9 @@
 """Start a server process fully, or clean up fully.
 
-* The child runs in its own session (process group), so stopping it also stops whatever
-  it spawned (vLLM's engine core, workers).
-* On Linux the child is told to die with its parent (PR_SET_PDEATHSIG), so even a
-  SIGKILLed pytest does not leave a server behind.
+* The server runs in its own session (process group), so stopping the group also stops
+  whatever it spawned (vLLM's engine core, workers).
+* It runs under `supervise.py`, which dies with pytest (PR_SET_PDEATHSIG) and then takes
+  the whole group down, so even a SIGKILLed pytest leaves no server or helper behind.
 * Every live `ManagedProcess` is tracked; `stop_all()` is the backstop the plugin calls at
   session end and at interpreter exit.
 * A failed start stops the process before raising `ServerStartError` with the log tail.
@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import signal
 import subprocess
@@ -28,12 +27,7 @@ _LIVE: set["ManagedProcess"] = set()
 _LIVE_LOCK = threading.Lock()
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
+SUPERVISOR = Path(__file__).with_name("supervise.py")
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -66,15 +60,15 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")  # one log per start: no stale lines from earlier runs
         try:
+            # Run by file path, so it works whether or not pytest_rkv is importable there.
             self.proc = subprocess.Popen(
-                self.argv,
+                [sys.executable, str(SUPERVISOR), "--", *self.argv],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()

@@ -23,6 +23,8 @@ Why each non-obvious flag is there:
   the cache between tests without a restart.
 * `PYTHONHASHSEED` removed, `VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=1`: block hashes in
   events stay reproducible by `hashing.py`.
+* `ManagedProcess` runs it under `drivers/supervise.py`: vLLM's engine and worker
+  processes do not die with the API server; the supervisor takes the group down.
 * `RKV_VLLM_WORKDIR`: inherited by every process vLLM spawns, so a test can find all of
   them (and prove none survived) without matching on names another run might share.
 """
@@ -54,7 +56,7 @@ MAX_IPC_PATH = 100
 
 @dataclass(frozen=True)
 class ServerPlan:
-    argv: list[str]
+    argv: list[str]  # the vLLM server command (what describe() reports)
     env: dict[str, str]
     port: int
     events_endpoint: str
@@ -76,6 +78,19 @@ def free_port() -> int:
 
 def ipc_path_fits(path: Path) -> bool:
     return len(str(path)) <= MAX_IPC_PATH
+
+
+def without_plugin(env: Mapping[str, str], name: str) -> dict[str, str]:
+    """`env` with `name` taken out of the `VLLM_PLUGINS` allowlist, if it is listed.
+
+    The stock row must measure stock vLLM: a `VLLM_PLUGINS=rkv` left in the shell (from a
+    `vllm+rkv` run) would otherwise load the claim adapter's endpoints into it. An
+    allowlist emptied this way stays set (to ""), so it still allows nothing."""
+    out = dict(env)
+    if "VLLM_PLUGINS" in out:
+        names = [n for n in out["VLLM_PLUGINS"].split(",") if n.strip() and n.strip() != name]
+        out["VLLM_PLUGINS"] = ",".join(names)
+    return out
 
 
 def plan_server(
