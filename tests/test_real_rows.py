@@ -1,0 +1,82 @@
+"""The rows of real runtimes, earned against live servers in one certified session.
+
+One pytest run with several backends (each its own row, one server at a time), then the
+checks each issue's acceptance names: labels, the substrate and lowering evidence, the
+bundles verify, and no server process survives.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pytest_rkv.bundle import verify
+from tests.conftest import SUITES
+
+BACKENDS = ("reference", "vllm")
+
+
+def _vllm_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "vllm.entrypoints" in line or "VLLM::" in line]
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory):
+    report = tmp_path_factory.mktemp("real-rows")
+    before = set(_vllm_processes())
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(SUITES), "--rkv-certify", f"--rkv-backend={','.join(BACKENDS)}",
+         "--rkv-report-dir", str(report), "-p", "no:cacheprovider", "-q"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    rows = {b: json.loads((report / b / "row.json").read_text()) for b in BACKENDS if (report / b / "row.json").exists()}
+    return {"proc": proc, "report": report, "rows": rows, "leftover": set(_vllm_processes()) - before}
+
+
+def test_both_rows_come_from_one_run(session):
+    assert set(session["rows"]) == set(BACKENDS), session["proc"].stdout[-3000:]
+    out = session["proc"].stdout
+    assert "reference (pytest-rkv-reference" in out and "vllm (vllm 0.3" in out
+
+
+def test_reference_row_is_native(session):
+    assert session["rows"]["reference"]["label"] == "native conformance"
+
+
+def test_stock_vllm_row_is_approximation_substrate(session):
+    row = session["rows"]["vllm"]
+    assert row["label"] == "approximation substrate", row["reason"]
+    assert row["runtime"] == "vllm" and row["runtime_version"]
+    assert {v["outcome"] for v in row["substrates"].values()} == {"passed"}
+    unsupported = [k for k, v in row["obligations"].items() if v["outcome"] == "unsupported"]
+    assert "active-refusal" in unsupported and "claim-identity" in unsupported
+    assert not [k for k, v in row["obligations"].items() if v["outcome"] in ("passed", "error")]
+
+
+def test_stock_vllm_evidence_shows_silent_eviction(session):
+    row = session["rows"]["vllm"]
+    reuse = row["substrates"]["prefix_reuse"]["tests"][0]["evidence"]
+    assert reuse["cached_tokens_first"] == 0 and reuse["cached_tokens_again"] == 60 * 32
+    eviction = row["substrates"]["eviction_observable"]["tests"][0]["evidence"]
+    assert eviction["active_admitted"] is True
+    assert eviction["resident_blocks_surviving"] == 10
+    assert eviction["blocks_evicted_by_active"] >= 50
+
+
+def test_priority_lowering_is_contradicted_on_vllm(session):
+    probe = session["rows"]["vllm"]["lowerings"]["priority-as-hard-claim"]
+    assert probe["outcome"] == "failed"
+    evidence = probe["tests"][0]["evidence"]
+    assert evidence["active_admitted"] is True and evidence["resident_blocks_surviving"] < 60
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bundles_verify(session, backend):
+    failed = [c.line() for c in verify(session["report"] / backend) if not c.ok]
+    assert not failed
+
+
+def test_no_vllm_process_survives_the_run(session):
+    assert not session["leftover"]
