@@ -101,17 +101,18 @@ def bundle_dir(report_dir: Path, backend: str) -> Path:
 class RowCollector:
     """Controller-side plugin object: gathers records, writes bundles, prints the table.
 
-    `run` holds run-level facts copied into every row (certified, suite hash, environment,
-    command line). A backend's bundle directory is emptied when the run starts, so a bundle
-    never mixes files from two runs."""
+    `run_facts()` gives run-level facts copied into every row (certified, suite hash,
+    environment, command line). With `clean`, a backend's bundle directory is emptied when
+    the run starts, so a bundle never mixes files from two runs."""
 
-    def __init__(self, report_dir: Path, backends: tuple[str, ...], run: dict) -> None:
+    def __init__(self, report_dir: Path, backends: tuple[str, ...], run_facts, clean: bool) -> None:
         self.report_dir = report_dir
         self.backends = {name: BackendRecords(name) for name in backends}
-        self.run = run
+        self.run_facts = run_facts
         self.rows: dict[str, dict] = {}
-        for name in backends:
-            shutil.rmtree(bundle_dir(report_dir, name), ignore_errors=True)
+        if clean:
+            for name in backends:
+                shutil.rmtree(bundle_dir(report_dir, name), ignore_errors=True)
 
     def pytest_runtest_logreport(self, report) -> None:
         for key, value in getattr(report, "user_properties", ()):
@@ -128,10 +129,12 @@ class RowCollector:
                 backend.tests[rec["nodeid"]] = rec
 
     def pytest_sessionfinish(self, session) -> None:
+        run = None
         for name, backend in self.backends.items():
             if not backend.tests:
                 continue
-            row = build_row(backend, self.run)
+            run = run or self.run_facts()
+            row = build_row(backend, run)
             self.rows[name] = row
             out = bundle_dir(self.report_dir, name)
             out.mkdir(parents=True, exist_ok=True)

@@ -66,14 +66,20 @@ def pytest_configure(config: pytest.Config) -> None:
                     "--rkv-certify refuses this run, a certified row needs the whole released suite:\n  "
                     + "\n  ".join(problems)
                 )
-        suite = target_dir(config.args)
-        run = {
-            "certified": rkv_config.certify,
-            "suite_hash": suite_hash(suite_files(suite)) if suite else "unidentified",
-            "environment": environment(),
-            "command_line": command_line(),
-        }
-        config.pluginmanager.register(RowCollector(rkv_config.report_dir, rkv_config.backends, run), "rkv-rows")
+        def run_facts() -> dict:  # only computed when a row is written
+            suite = target_dir(config.args)
+            return {
+                "certified": rkv_config.certify,
+                "suite_hash": suite_hash(suite_files(suite)) if suite else "unidentified",
+                "environment": environment(),
+                "command_line": command_line(),
+            }
+
+        # Empty the bundle directories only for a run that asked for rows explicitly: an
+        # unrelated suite in a project with this plugin installed must touch nothing.
+        explicit = rkv_config.certify or config.getoption("rkv_backend") is not None
+        collector = RowCollector(rkv_config.report_dir, rkv_config.backends, run_facts, clean=explicit)
+        config.pluginmanager.register(collector, "rkv-rows")
         # Keep each backend's tests on one xdist worker, so no two processes share a pool.
         # (xdist chose "load" for -n in its cmdline_main; workers copy options later.)
         if getattr(config.option, "dist", "no") == "load":
