@@ -304,7 +304,7 @@ def _check_junit(bundle: Path, row: dict) -> Check:
 def _check_events(bundle: Path, row: dict) -> Check:
     by_test: dict[str, list[dict]] = {}
     try:
-        for number, line in enumerate((bundle / "events.jsonl").read_text().splitlines(), 1):
+        for line in (bundle / "events.jsonl").read_text().splitlines():
             event = json.loads(line)
             by_test.setdefault(event.pop("test"), []).append(event)
     except (OSError, ValueError, KeyError) as exc:

@@ -1,6 +1,5 @@
 """The plugin's own behaviour: options from CLI and ini, markers, and no side effects."""
 
-import json
 
 
 def test_backend_comes_from_ini_when_not_on_the_command_line(run_suites, pytester):
