@@ -120,6 +120,40 @@ def _matrix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    """Label descriptors against their anchors and any run evidence (docs/lowering.md).
+    Exit 2 on a malformed descriptor; for one descriptor, 1 on a rejected mapping."""
+    from pathlib import Path
+
+    from pytest_rkv.descriptor import SuiteCatalogue, descriptor_files, load_evidence
+    from pytest_rkv.label import Label, check_file, render_check, render_matrix
+
+    catalogue = SuiteCatalogue.scan(args.suites) if args.suites else SuiteCatalogue.default()
+    options = dict(evidence_dir=args.evidence_dir, catalogue=catalogue,
+                   source_root=Path(args.source_root) if args.source_root else None)
+    if args.all:
+        files = descriptor_files(args.all)
+        if not files:
+            print(f"rkv check: no .toml or .json descriptors under {args.all}", file=sys.stderr)
+            return 2
+        rows = [check_file(path, **options) for path in files]
+        print(render_matrix(rows))
+        for row in rows:
+            if row.malformed:
+                print(f"rkv check: {row.reason}", file=sys.stderr)
+        return 2 if any(row.malformed for row in rows) else 0
+    if not args.descriptor:
+        print("rkv check: name a DESCRIPTOR, or --all DIR", file=sys.stderr)
+        return 2
+    evidence = load_evidence(args.evidence, args.events) if (args.evidence or args.events) else None
+    row = check_file(args.descriptor, evidence, **options)
+    if row.malformed:
+        print(f"rkv check: {row.reason}", file=sys.stderr)
+        return 2
+    print(render_check(row))
+    return 1 if row.label == Label.REJECTED else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rkv", description="pytest-rkv: Resident KV Claims conformance")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -153,6 +187,15 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="check an evidence bundle, independently of the run")
     v.add_argument("bundle", help="a bundle directory: <report-dir>/<backend>")
     v.set_defaults(func=_verify)
+    c = sub.add_parser("check", help="label lowering descriptors against anchors and run evidence")
+    c.add_argument("descriptor", nargs="?", help="a descriptor file (.toml or .json)")
+    c.add_argument("--evidence", metavar="ROW_JSON", help="the row.json of a run (events.jsonl beside it is used)")
+    c.add_argument("--events", metavar="EVENTS_JSONL", help="the run's event trace, if not beside the row")
+    c.add_argument("--all", metavar="DIR", help="check every descriptor under DIR and print the matrix")
+    c.add_argument("--evidence-dir", metavar="DIR", help="where <backend>/row.json bundles live (rkv-report)")
+    c.add_argument("--suites", metavar="DIR", help="the suite directory (default: suites/ of this checkout)")
+    c.add_argument("--source-root", metavar="DIR", help="a checkout of the runtime: source anchors must exist in it")
+    c.set_defaults(func=_check)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_openapi)
 
     args = parser.parse_args(argv)
