@@ -1,8 +1,12 @@
 """`rkv`: thin commands over the library.
 
-    rkv serve       run the reference runtime as an RKV API v1 server (loopback)
-    rkv catalogue   print the obligation catalogue (Markdown)
-    rkv openapi     print the OpenAPI document of RKV API v1
+    rkv serve           run the reference runtime as an RKV API v1 server (loopback)
+    rkv check           label lowering descriptors against anchors and run evidence
+    rkv verify          check an evidence bundle, independently of the run
+    rkv matrix          render the conformance matrix (Markdown and HTML)
+    rkv catalogue       print the obligation catalogue (Markdown)
+    rkv openapi         print the OpenAPI document of RKV API v1
+    rkv suite-manifest  hash the suite into the released manifest
 """
 
 from __future__ import annotations
@@ -102,15 +106,26 @@ def _verify(args: argparse.Namespace) -> int:
 def _matrix(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pytest_rkv.matrix import html_page, markdown, row_from_bundle
+    from pytest_rkv.descriptor import descriptor_files
+    from pytest_rkv.label import check_file
+    from pytest_rkv.matrix import html_page, markdown, row_from_bundle, row_from_check
 
     rows = []
     for given in args.paths:
         path = Path(given)
         if (path / "row.json").exists() or path.name == "row.json":
             rows.append(row_from_bundle(path))
+        elif path.suffix in (".toml", ".json") or path.is_dir() and descriptor_files(path):
+            files = [path] if path.is_file() else descriptor_files(path)
+            for file in files:
+                check = check_file(file, evidence_dir=args.evidence_dir)
+                if check.malformed:
+                    print(f"rkv matrix: {check.reason}", file=sys.stderr)
+                    return 2
+                rows.append(row_from_check(check))
         else:
-            print(f"rkv matrix: {path} is neither a bundle (a directory with row.json) nor a row.json", file=sys.stderr)
+            print(f"rkv matrix: {path} is neither a bundle (a directory with row.json), a row.json, "
+                  "nor a descriptor (.toml/.json, or a directory of them)", file=sys.stderr)
             return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +141,8 @@ def _check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pytest_rkv.descriptor import SuiteCatalogue, descriptor_files, load_evidence
-    from pytest_rkv.label import Label, check_file, render_check, render_matrix
+    from pytest_rkv.label import Label, check_file
+    from pytest_rkv.matrix import render_check, render_matrix
 
     catalogue = SuiteCatalogue.scan(args.suites) if args.suites else SuiteCatalogue.default()
     options = dict(evidence_dir=args.evidence_dir, catalogue=catalogue,
@@ -180,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     m.set_defaults(func=_suite_manifest)
 
     x = sub.add_parser("matrix", help="render the conformance matrix (Markdown and HTML)")
-    x.add_argument("paths", nargs="+", help="bundle directories or row.json files")
+    x.add_argument("paths", nargs="+", help="bundle directories, row.json files, or descriptors (files or directories)")
+    x.add_argument("--evidence-dir", metavar="DIR", help="where descriptors find their run evidence (<backend>/row.json)")
     x.add_argument("--out", default="reports", help="output directory (default: reports)")
     x.set_defaults(func=_matrix)
 

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_rkv.contract import OBLIGATIONS, OBLIGATIONS_BY_ID, Depth, Event, EventType, Label, TestOutcome
+from pytest_rkv.contract import OBLIGATIONS, OBLIGATIONS_BY_ID, ROW_SCHEMA, Depth, Event, EventType, Label, TestOutcome
 from pytest_rkv.descriptor import (
     LABEL_OF_PROPOSAL,
     LOWERING_PROBES,
@@ -161,7 +161,6 @@ def row_label(
 # both conclusions that need evidence; losing evidence loses them, and can never create one.
 
 
-ROW_SCHEMA = "pytest-rkv/row/1"
 _RANK = {Label.UNKNOWN: 0, Label.APPROXIMATION: 1, Label.ADAPTER: 2, Label.NATIVE: 3}
 _POSITIVE = (Label.NATIVE, Label.ADAPTER)
 
@@ -722,42 +721,6 @@ def check_data(descriptor_data: object, evidence: Evidence | None = None, *,
 def malformed_row(source: str, error: DescriptorError) -> RowCheck:
     name = Path(source).stem if source else "?"
     return RowCheck(name, "?", "?", "?", Label.UNKNOWN, (Finding("bad-descriptor", str(error)),), {}, "static", source)
-
-
-# -- text ----------------------------------------------------------------------------------
-
-SHORT = {Label.NATIVE: "N", Label.ADAPTER: "A", Label.APPROXIMATION: "~", Label.REJECTED: "R",
-         Label.UNKNOWN: "?", None: "-"}
-
-
-def render_check(check: RowCheck) -> str:
-    """Per-obligation labels with their reasons, then the row."""
-    lines = [f"{check.name}: {check.runtime} {check.version} (backend {check.backend}; evidence: {check.evidence})"]
-    for ob_id, c in check.obligations.items():
-        label = c.label.value if c.label else "n/a"
-        proposed = f"proposed {c.proposed.value}" + (f" via {c.surface}" if c.surface else "") if c.proposed \
-            else "nothing proposed"
-        lines.append(f"  {ob_id:<26} {label:<24} ({proposed})")
-        lines += [f"      - {f.text}" for f in c.findings]
-    lines.append(f"row: {check.label.value.upper()}: {check.reason}")
-    return "\n".join(lines)
-
-
-def render_matrix(checks: list[RowCheck]) -> str:
-    """One line per descriptor, one column per obligation, plus the row label."""
-    ids = [ob.id for ob in OBLIGATIONS]
-    width = max([len(c.name) for c in checks] + [10])
-    header = f"{'row':<{width}}  {'evidence':<8}  " + " ".join(f"{i + 1:>2}" for i in range(len(ids))) + "  label"
-    lines = [header]
-    for c in checks:
-        if c.malformed:
-            lines.append(f"{c.name:<{width}}  {'-':<8}  MALFORMED: {c.reason}")
-            continue
-        cells = " ".join(f"{SHORT[c.obligations[i].label]:>2}" for i in ids)
-        lines.append(f"{c.name:<{width}}  {c.evidence:<8}  {cells}  {c.label.value}")
-    lines.append("columns: " + ", ".join(f"{i + 1} {ob}" for i, ob in enumerate(ids)))
-    lines.append("cells: N native, A adapter-scoped, ~ approximation, R rejected mapping, ? unknown, - n/a")
-    return "\n".join(lines)
 
 
 def check_file(path: Path | str, evidence: Evidence | None = None, *, evidence_dir: Path | str | None = None,

@@ -69,6 +69,51 @@ def _timeline(row: dict) -> tuple[list[dict], str]:
     return [], ""
 
 
+# -- text, for `rkv check` ------------------------------------------------------------
+
+def render_check(check: "RowCheck") -> str:
+    """Per-obligation labels with their reasons, then the row."""
+    lines = [f"{check.name}: {check.runtime} {check.version} (backend {check.backend}; evidence: {check.evidence})"]
+    for ob_id, c in check.obligations.items():
+        label = c.label.value if c.label else "n/a"
+        proposed = f"proposed {c.proposed.value}" + (f" via {c.surface}" if c.surface else "") if c.proposed \
+            else "nothing proposed"
+        lines.append(f"  {ob_id:<26} {label:<24} ({proposed})")
+        lines += [f"      - {f.text}" for f in c.findings]
+    lines.append(f"row: {check.label.value.upper()}: {check.reason}")
+    return "\n".join(lines)
+
+
+def render_matrix(checks: list["RowCheck"]) -> str:
+    """One line per descriptor, one column per obligation, plus the row label."""
+    ids = [ob.id for ob in OBLIGATIONS]
+    width = max([len(c.name) for c in checks] + [10])
+    header = f"{'row':<{width}}  {'evidence':<8}  " + " ".join(f"{i + 1:>2}" for i in range(len(ids))) + "  label"
+    lines = [header]
+    for c in checks:
+        if c.malformed:
+            lines.append(f"{c.name:<{width}}  {'-':<8}  MALFORMED: {c.reason}")
+            continue
+        cells = " ".join(f"{CODES[_value(c.obligations[i].label)]:>2}" for i in ids)
+        lines.append(f"{c.name:<{width}}  {c.evidence:<8}  {cells}  {c.label.value}")
+    lines.append("columns: " + ", ".join(f"{i + 1} {ob}" for i, ob in enumerate(ids)))
+    lines.append("cells: N native, A adapter-scoped, S approximation substrate, R rejected mapping, ? unknown, - n/a")
+    return "\n".join(lines)
+
+
+def _value(label: Label | None) -> str | None:
+    return label.value if label is not None else None
+
+
+def row_from_check(check: "RowCheck") -> MatrixRow:
+    """A descriptor row (static, or checked against run evidence) for the matrix."""
+    cells = {ob_id: (_value(c.label), "; ".join(f.text for f in c.findings) or "-")
+             for ob_id, c in check.obligations.items()}
+    kind = "static" if check.evidence == "static" else "descriptor + run"
+    return MatrixRow(name=check.name, label=check.label.value, reason=check.reason, cells=cells,
+                     source=check.source or check.name, kind=kind)
+
+
 # -- Markdown -------------------------------------------------------------------------
 
 

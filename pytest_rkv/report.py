@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pytest_rkv.contract import (
     API_VERSION,
+    ROW_SCHEMA,
     OBLIGATIONS,
     SUBSTRATES,
     SUITE_VERSION,
@@ -24,7 +25,6 @@ from pytest_rkv.contract import (
 from pytest_rkv.label import combine, obligation_label, row_label
 
 RESULT_KEY = "rkv_result"
-ROW_SCHEMA = "pytest-rkv/row/1"
 
 
 @dataclass
