@@ -5,6 +5,7 @@
         events.jsonl    every captured event, tagged with its test
         junit.xml       one testcase per test, outcome as JUnit understands it
         *.log, ...      server logs and generated inputs the backend left in its workdir
+        descriptors/    the lowering descriptors of this backend, checked against this run
         manifest.json   sha256 of every other file
 
 `verify()` re-derives everything it can from the bundle itself and the suite version it
@@ -93,6 +94,30 @@ def seal(bundle: Path) -> None:
     (bundle / MANIFEST).write_text(json.dumps({"files": hashes}, indent=2, sort_keys=True) + "\n")
 
 
+def _write_row(out: Path, row: dict) -> None:
+    (out / "row.json").write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
+
+
+def _check_descriptors_of(backend: str, directory: Path, out: Path) -> dict:
+    """Copy the backend's descriptors into the bundle and label each against this run."""
+    from pytest_rkv.descriptor import DescriptorError, descriptor_files, load_descriptor, load_evidence
+    from pytest_rkv.label import check_file
+
+    results = {}
+    for path in descriptor_files(directory):
+        try:
+            if load_descriptor(path).backend != backend:
+                continue
+        except DescriptorError:
+            continue  # `rkv check` reports malformed descriptors; a bundle only holds usable ones
+        copy = out / "descriptors" / path.name
+        copy.parent.mkdir(exist_ok=True)
+        shutil.copyfile(path, copy)
+        check = check_file(copy, load_evidence(out / "row.json"))
+        results[path.name] = {"label": check.label.value, "reason": check.reason}
+    return results
+
+
 def bundle_dir(report_dir: Path, backend: str) -> Path:
     """Where a backend's logs go during the run and its bundle after it."""
     return report_dir / "".join(c if c.isalnum() or c in "-_." else "_" for c in backend)
@@ -105,8 +130,10 @@ class RowCollector:
     environment, command line). With `clean`, a backend's bundle directory is emptied when
     the run starts, so a bundle never mixes files from two runs."""
 
-    def __init__(self, report_dir: Path, backends: tuple[str, ...], run_facts, clean: bool) -> None:
+    def __init__(self, report_dir: Path, backends: tuple[str, ...], run_facts, clean: bool,
+                 descriptors: Path | None = None) -> None:
         self.report_dir = report_dir
+        self.descriptors = descriptors
         self.backends = {name: BackendRecords(name) for name in backends}
         self.run_facts = run_facts
         self.rows: dict[str, dict] = {}
@@ -138,8 +165,11 @@ class RowCollector:
             self.rows[name] = row
             out = bundle_dir(self.report_dir, name)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "row.json").write_text(json.dumps(row, indent=2, sort_keys=True) + "\n")
             (out / "events.jsonl").write_text(trace_lines(backend))
+            _write_row(out, row)
+            if self.descriptors is not None:
+                row["descriptors"] = _check_descriptors_of(name, self.descriptors, out)
+                _write_row(out, row)
             (out / "junit.xml").write_text(junit_xml(row))
             seal(out)
 
@@ -191,6 +221,7 @@ def verify(bundle: Path) -> list[Check]:
         ("junit", lambda: _check_junit(bundle, row)),
         ("events", lambda: _check_events(bundle, row)),
         ("labels", lambda: _check_labels(row)),
+        ("descriptors", lambda: _check_descriptors(bundle, row)),
     ]:
         try:
             checks.append(check())
@@ -320,6 +351,28 @@ def _check_events(bundle: Path, row: dict) -> Check:
     if problems:
         return Check("events", False, "; ".join(problems))
     return Check("events", True, "the trace matches the events recorded per test, in order")
+
+
+def _check_descriptors(bundle: Path, row: dict) -> Check:
+    """Each descriptor in the bundle, checked again against the bundle's own evidence."""
+    from pytest_rkv.descriptor import load_evidence
+    from pytest_rkv.label import check_file
+
+    recorded = row.get("descriptors") or {}
+    present = {p.name: p for p in sorted((bundle / "descriptors").glob("*"))} if (bundle / "descriptors").is_dir() else {}
+    problems = [f"{n} is recorded in the row but missing" for n in sorted(set(recorded) - set(present))]
+    problems += [f"{n} is in the bundle but not recorded in the row" for n in sorted(set(present) - set(recorded))]
+    for name in sorted(set(recorded) & set(present)):
+        evidence = load_evidence(bundle / "row.json")
+        again = check_file(present[name], evidence).label.value
+        if again != recorded[name]["label"]:
+            problems.append(f"{name}: labelled {recorded[name]['label']!r}, the checker gives {again!r}")
+    if problems:
+        return Check("descriptors", False, "; ".join(problems))
+    if not recorded:
+        return Check("descriptors", True, "no descriptor in the bundle")
+    summary = ", ".join(f"{n}: {v['label']}" for n, v in sorted(recorded.items()))
+    return Check("descriptors", True, f"rechecked against this evidence: {summary}")
 
 
 def _check_labels(row: dict) -> Check:

@@ -26,6 +26,11 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "block-size": ("tokens per KV block (default: the backend's own; vLLM: 32 on CPU, 16 on GPU)", None),
     "model": ("model path or hub id for real-runtime backends (default: a generated tiny model)", None),
     "startup-timeout": ("seconds a backend server may take to become ready", "240"),
+    "descriptors": (
+        "directory of lowering descriptors; each backend's bundle gets its descriptors and "
+        "their checked labels (default: backends/ under the rootdir, when present)",
+        None,
+    ),
     "reference-fault": (
         "break the reference runtime on purpose (comma-separated fault modes): "
         + ", ".join(FAULT_MODES),
@@ -44,6 +49,7 @@ class RkvConfig:
     startup_timeout: float
     reference_faults: frozenset[str]
     certify: bool
+    descriptors: Path | None
 
 
 CERTIFY_HELP = (
@@ -114,6 +120,14 @@ def get_config(config: pytest.Config) -> RkvConfig:
     report_dir = Path(_value(config, "report-dir") or "rkv-report")
     if not report_dir.is_absolute():
         report_dir = Path(config.invocation_params.dir) / report_dir
+    descriptors = _value(config, "descriptors")
+    if descriptors is not None:
+        descriptors_dir = Path(config.invocation_params.dir) / descriptors
+        if not descriptors_dir.is_dir():
+            raise pytest.UsageError(f"--rkv-descriptors: {descriptors_dir} is not a directory")
+    else:
+        default = Path(config.rootpath) / "backends"
+        descriptors_dir = default if default.is_dir() else None
     return RkvConfig(
         backends=tuple(backends),
         url=url,
@@ -123,4 +137,5 @@ def get_config(config: pytest.Config) -> RkvConfig:
         startup_timeout=startup_s,
         reference_faults=faults,
         certify=bool(config.getoption("rkv_certify") or config.getini("rkv_certify")),
+        descriptors=descriptors_dir,
     )

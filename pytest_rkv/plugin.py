@@ -78,7 +78,8 @@ def pytest_configure(config: pytest.Config) -> None:
         # Empty the bundle directories only for a run that asked for rows explicitly: an
         # unrelated suite in a project with this plugin installed must touch nothing.
         explicit = rkv_config.certify or config.getoption("rkv_backend") is not None
-        collector = RowCollector(rkv_config.report_dir, rkv_config.backends, run_facts, clean=explicit)
+        collector = RowCollector(rkv_config.report_dir, rkv_config.backends, run_facts, clean=explicit,
+                                 descriptors=rkv_config.descriptors)
         config.pluginmanager.register(collector, "rkv-rows")
         # Keep each backend's tests on one xdist worker, so no two processes share a pool.
         # (xdist chose "load" for -n in its cmdline_main; workers copy options later.)

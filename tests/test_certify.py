@@ -48,8 +48,8 @@ def test_certified_bundle_verifies_from_the_command_line(certified):
     lines = proc.stdout.splitlines()
     assert [l.split(":")[0] for l in lines[:-1]] == [
         "PASS manifest", "PASS schema", "PASS suite", "PASS certified", "PASS complete",
-        "PASS junit", "PASS events", "PASS labels"]
-    assert lines[-1].endswith("verified (8/8 checks passed)")
+        "PASS junit", "PASS events", "PASS labels", "PASS descriptors"]
+    assert lines[-1].endswith("verified (9/9 checks passed)")
 
 
 def test_bundle_holds_the_evidence_files(certified):
@@ -91,6 +91,18 @@ def test_edited_outcome_is_caught(certified, tmp_path):
     failed = _failed(bundle)
     assert "junit says passed, the row says failed" in failed["junit"]
     assert "expiry: outcome 'passed', its tests give 'failed'" in failed["labels"]
+
+
+def test_edited_descriptor_label_is_caught(certified, tmp_path):
+    bundle = _copy(certified, tmp_path)
+    row = json.loads((bundle / "row.json").read_text())
+    assert row["descriptors"]["reference.toml"]["label"] == "native conformance"
+    row["descriptors"]["reference.toml"]["label"] = "adapter-scoped evidence"
+    (bundle / "row.json").write_text(json.dumps(row))
+    seal(bundle)
+    failed = _failed(bundle)
+    assert list(failed) == ["descriptors"]
+    assert "reference.toml: labelled 'adapter-scoped evidence', the checker gives 'native conformance'" in failed["descriptors"]
 
 
 def test_dropped_test_is_caught(certified, tmp_path):
