@@ -128,7 +128,7 @@ def test_reordered_events_are_caught(certified, tmp_path):
     (bundle / "events.jsonl").write_text("\n".join(lines) + "\n")
     seal(bundle)
     failed = _failed(bundle)
-    assert list(failed) == ["events"]
+    assert "events" in failed and "labels" not in failed  # the checker may lower its label too
     assert f"{first_test}: the trace's events differ from the ones recorded (reordered or edited)" in failed["events"]
 
 
