@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import requests
@@ -38,6 +39,8 @@ from pytest_rkv.contract import (
     RuntimeInfo,
     Usage,
 )
+from pytest_rkv.adapters.vllm import PLUGIN_NAME as RKV_PLUGIN_NAME
+from pytest_rkv.drivers import gpu
 from pytest_rkv.drivers.base import Driver, DriverSettings, Reply
 from pytest_rkv.drivers.process import ManagedProcess
 from pytest_rkv.drivers.vllm import build as build_mod
@@ -69,6 +72,8 @@ class VllmDriver(Driver):
         self.startup_seconds: float | None = None
         self.http = requests.Session()
         self._socket_dir: str | None = None
+        self.gpu_baseline_mib: int | None = None
+        self.gpu_release_problem: str | None = None
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
@@ -80,17 +85,20 @@ class VllmDriver(Driver):
         self.plan = server_mod.plan_server(
             build=self.build, model=self.model, block_size=self.block_size, workdir=workdir,
             port=server_mod.free_port(), replay_port=server_mod.free_port(),
-            events_socket=self._events_socket(workdir), base_env=os.environ,
+            events_socket=self._events_socket(workdir), base_env=self._server_base_env(),
             extra_args=self.extra_server_args,
         )
         self.plan.log_path.unlink(missing_ok=True)  # the log tail must be this run's
+        self.gpu_baseline_mib = gpu.used_mib()
         began = time.monotonic()
         try:
             self.server = server_mod.launch(self.plan, timeout=self.settings.startup_timeout)
         except ServerStartError as exc:
+            self._remove_events_socket()
             self._cleanup_socket_dir()
             raise self._explained(exc) from None
         except BaseException:
+            self._remove_events_socket()
             self._cleanup_socket_dir()
             raise
         try:
@@ -114,7 +122,12 @@ class VllmDriver(Driver):
             subscriber.stop()
         if self.server is not None:
             self.server.stop()
+            # The next row's server must get the whole GPU: wait for this one's memory.
+            self.gpu_release_problem = gpu.wait_for_release(self.gpu_baseline_mib)
+            if self.gpu_release_problem:
+                warnings.warn(self.gpu_release_problem, stacklevel=2)
         self.http.close()
+        self._remove_events_socket()
         self._cleanup_socket_dir()
 
     def check_alive(self) -> None:
@@ -142,6 +155,8 @@ class VllmDriver(Driver):
             "startup_seconds": self.startup_seconds,
             "server_argv": list(self.plan.argv) if self.plan else None,
             "kv_events": self.plan.events_endpoint if self.plan else None,
+            "vllm_plugins_allowlist": self.plan.env.get("VLLM_PLUGINS") if self.plan else None,
+            "gpu_memory_used_before_start_mib": self.gpu_baseline_mib,
         }
 
     # -- RKV API v1 (what stock vLLM can answer) -------------------------------------------
@@ -277,6 +292,20 @@ class VllmDriver(Driver):
             return path
         self._socket_dir = tempfile.mkdtemp(prefix="rkv-vllm-")
         return Path(self._socket_dir) / "kv.sock"
+
+    def _server_base_env(self) -> dict[str, str]:
+        """This process's environment, minus the RKV adapter plugin when the row is
+        depth "none" (stock vLLM must not load the claim adapter by accident)."""
+        if self.depth == "none":
+            return server_mod.without_plugin(os.environ, RKV_PLUGIN_NAME)
+        return dict(os.environ)
+
+    def _remove_events_socket(self) -> None:
+        """vLLM leaves its ipc:// socket file behind; it would litter the report dir."""
+        if self.plan is not None and self.plan.events_endpoint.startswith("ipc://"):
+            path = Path(self.plan.events_endpoint[len("ipc://"):])
+            if path.is_socket() and (self.server is None or not self.server.running()):
+                path.unlink(missing_ok=True)
 
     def _cleanup_socket_dir(self) -> None:
         if self._socket_dir is not None:
