@@ -458,6 +458,14 @@ OBLIGATIONS: tuple[Obligation, ...] = (
 )
 
 OBLIGATIONS_BY_ID: dict[str, Obligation] = {o.id: o for o in OBLIGATIONS}
+
+# What any claim support must show, whatever else it leaves out: identity, the predicate,
+# ordered events, and the canonical probe's refusal. An adapter may bound its scope (leave
+# out obligations it declares unsupported, e.g. demotion where the platform has no host
+# tier), but never these.
+CORE_OBLIGATIONS: tuple[str, ...] = (
+    "claim-identity", "materialization-predicate", "ordered-lifecycle", "active-refusal",
+)
 SUBSTRATES_BY_ID: dict[str, Substrate] = {s.id: s for s in SUBSTRATES}
 
 

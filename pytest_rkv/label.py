@@ -28,6 +28,8 @@ Per row, from outcomes:
     1. any harness error or obligation not run        -> unknown (the evidence is void)
     2. every applicable obligation native             -> native conformance
     3. every applicable obligation native or adapter  -> adapter-scoped evidence
+       (at depth adapter/patch the scope may be bounded: obligations the backend
+       declared unsupported are left out and named, but never a core obligation)
     4. some positive evidence (a substrate or an obligation passed), obligations
        missing                                        -> approximation substrate
     5. otherwise                                      -> unknown evidence
@@ -41,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pytest_rkv.contract import OBLIGATIONS, OBLIGATIONS_BY_ID, ROW_SCHEMA, Depth, Event, EventType, Label, TestOutcome
+from pytest_rkv.contract import CORE_OBLIGATIONS, OBLIGATIONS, OBLIGATIONS_BY_ID, ROW_SCHEMA, Depth, Event, EventType, Label, TestOutcome
 from pytest_rkv.descriptor import (
     LABEL_OF_PROPOSAL,
     LOWERING_PROBES,
@@ -119,6 +121,7 @@ def row_label(
     obligation_outcomes: Mapping[str, TestOutcome],
     verdicts: Mapping[str, Verdict],
     substrates_passed: set[str] = frozenset(),
+    depth: Depth = "native",
 ) -> Verdict:
     counted = {k: v for k, v in verdicts.items() if v.label is not None}
     void = sorted(
@@ -134,6 +137,13 @@ def row_label(
     if labels <= {Label.NATIVE, Label.ADAPTER}:
         adapted = sorted(k for k, v in counted.items() if v.label == Label.ADAPTER)
         return Verdict(Label.ADAPTER, f"every obligation passed; through an adapter: {', '.join(adapted)}")
+    if depth in ("adapter", "patch"):
+        outside = sorted(k for k, o in obligation_outcomes.items() if o == TestOutcome.UNSUPPORTED)
+        inside = {k: v for k, v in counted.items() if k not in outside}
+        core_in = all(k in inside for k in CORE_OBLIGATIONS if k in counted)
+        if outside and core_in and {v.label for v in inside.values()} <= {Label.NATIVE, Label.ADAPTER}:
+            return Verdict(Label.ADAPTER, f"every obligation in the {depth}'s scope passed; "
+                                          f"declared unsupported, outside it: {', '.join(outside)}")
     missing = sorted(k for k, v in counted.items() if v.label not in (Label.NATIVE, Label.ADAPTER))
     positive = Label.APPROXIMATION in labels or substrates_passed or (labels & {Label.NATIVE, Label.ADAPTER})
     if positive:

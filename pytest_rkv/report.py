@@ -77,7 +77,7 @@ def build_row(backend: BackendRecords, run: dict | None = None) -> dict:
             "reason": verdict.reason,
             "tests": tests,
         }
-    row = row_label(outcomes, verdicts, passed_substrates)
+    row = row_label(outcomes, verdicts, passed_substrates, backend.depth)
     lowerings = {
         lid: {"outcome": combine(TestOutcome(t["outcome"]) for t in tests).value, "tests": tests}
         for lid, tests in sorted(by_kind["lowering"].items())

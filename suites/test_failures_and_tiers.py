@@ -3,7 +3,7 @@
 import pytest
 
 from pytest_rkv.contract import ClaimState, EventType, FaultRequest
-from pytest_rkv.errors import Unsupported
+from pytest_rkv.errors import NotApplicable, Unsupported
 from pytest_rkv.workload import ACTIVE_BLOCKS, RESIDENT_BLOCKS
 
 
@@ -49,7 +49,7 @@ def test_failed_materialization_is_scoped_to_the_claim(rkv):
 @pytest.mark.rkv_litmus("materialization_failure")
 def test_failed_restore_is_not_reported_as_reuse(rkv):
     if not rkv.info.demotion:
-        raise Unsupported("no demotion tier, so no restore to fail", scope="probe")
+        raise NotApplicable("no demotion tier, so nothing is ever restored (see demotion-restore)")
     claim, _ = _demote_by_pressure(rkv, "restore-fails")
     rkv.driver.inject_fault(FaultRequest(kind="fail_next_restore", claim_id=claim.claim_id))
     mark = rkv.mark()

@@ -55,7 +55,7 @@ def test_a_miss_is_approximation_only_with_a_related_substrate():
 
 def _row(outcomes, depth="native", substrates=frozenset()):
     verdicts = {k: obligation_label(k, v, depth, set(substrates)) for k, v in outcomes.items()}
-    return row_label(outcomes, verdicts, set(substrates)).label
+    return row_label(outcomes, verdicts, set(substrates), depth).label
 
 
 def test_row_is_fail_closed():
@@ -69,6 +69,17 @@ def test_row_is_fail_closed():
     nothing = {o.id: TestOutcome.UNSUPPORTED for o in OBLIGATIONS if not o.routed_only}
     assert _row(nothing) == Label.UNKNOWN
     assert _row(nothing, substrates={"prefix_reuse"}) == Label.APPROXIMATION
+
+
+def test_an_adapter_may_bound_its_scope_but_never_around_a_core_obligation():
+    every = {o.id: TestOutcome.PASSED for o in OBLIGATIONS if not o.routed_only}
+    no_tier = {**every, "demotion-restore": TestOutcome.UNSUPPORTED}
+    subs = {"prefix_reuse", "eviction_observable"}
+    assert _row(no_tier, depth="adapter", substrates=subs) == Label.ADAPTER
+    assert _row(no_tier, depth="native", substrates=subs) == Label.APPROXIMATION, "native means everything"
+    assert _row({**no_tier, "active-refusal": TestOutcome.UNSUPPORTED}, depth="adapter", substrates=subs) == Label.APPROXIMATION
+    assert _row({**no_tier, "expiry": TestOutcome.FAILED}, depth="adapter", substrates=subs) == Label.APPROXIMATION
+    assert _row({**no_tier, "expiry": TestOutcome.UNTESTABLE}, depth="adapter", substrates=subs) == Label.APPROXIMATION
 
 
 # -- traces ---------------------------------------------------------------------------
