@@ -11,10 +11,10 @@ import sys
 
 import pytest
 
-from pytest_rkv.bundle import verify
+from pytest_rkv.bundle import bundle_dir, verify
 from tests.conftest import SUITES
 
-BACKENDS = ("reference", "vllm")
+BACKENDS = ("reference", "vllm", "vllm+rkv")
 
 
 def _vllm_processes() -> list[str]:
@@ -31,14 +31,15 @@ def session(tmp_path_factory):
          "--rkv-report-dir", str(report), "-p", "no:cacheprovider", "-q"],
         capture_output=True, text=True, timeout=1800,
     )
-    rows = {b: json.loads((report / b / "row.json").read_text()) for b in BACKENDS if (report / b / "row.json").exists()}
+    rows = {b: json.loads((bundle_dir(report, b) / "row.json").read_text())
+            for b in BACKENDS if (bundle_dir(report, b) / "row.json").exists()}
     return {"proc": proc, "report": report, "rows": rows, "leftover": set(_vllm_processes()) - before}
 
 
 def test_both_rows_come_from_one_run(session):
     assert set(session["rows"]) == set(BACKENDS), session["proc"].stdout[-3000:]
     out = session["proc"].stdout
-    assert "reference (pytest-rkv-reference" in out and "vllm (vllm 0.3" in out
+    assert "reference (pytest-rkv-reference" in out and "vllm (vllm 0.3" in out and "vllm+rkv (vllm 0.3" in out
 
 
 def test_reference_row_is_native(session):
@@ -72,9 +73,40 @@ def test_priority_lowering_is_contradicted_on_vllm(session):
     assert evidence["active_admitted"] is True and evidence["resident_blocks_surviving"] < 60
 
 
+def test_vllm_with_the_adapter_is_adapter_scoped(session):
+    row = session["rows"]["vllm+rkv"]
+    assert row["label"] == "adapter-scoped evidence", row["reason"]
+    assert row["depth"] == "adapter"
+    outside = {k: v for k, v in row["obligations"].items() if v["outcome"] != "passed"}
+    assert set(outside) == {"demotion-restore", "placement"}, outside
+    assert outside["demotion-restore"]["outcome"] == "unsupported"
+
+
+def test_adapter_refuses_the_canonical_probe_and_keeps_the_claim(session):
+    test = session["rows"]["vllm+rkv"]["obligations"]["active-refusal"]["tests"]
+    canonical = next(t for t in test if "canonical" in t["nodeid"])
+    evidence = canonical["evidence"]
+    assert evidence["active_status"] == 409
+    refusal = evidence["refusal"]
+    assert refusal["type"] == "active_refusal" and len(refusal["blocking_claims"]) == 1
+    assert refusal["claimed_blocks"] == {refusal["blocking_claims"][0]: 60}
+    assert evidence["resident_cached_tokens_after"] == 60 * 32
+
+
+def test_adapter_event_log_orders_acceptance_materialization_and_refusal(session):
+    trace = [json.loads(line) for line in
+             (bundle_dir(session["report"], "vllm+rkv") / "events.jsonl").read_text().splitlines()]
+    canonical = [e for e in trace if "test_canonical_probe" in e["test"]]
+    kinds = [e["type"] for e in canonical]
+    accepted, materialized, refused = (kinds.index(k) for k in ("claim.accepted", "claim.materialized", "request.refused"))
+    assert accepted < materialized < refused
+    seqs = [e["seq"] for e in canonical]
+    assert seqs == sorted(set(seqs))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bundles_verify(session, backend):
-    failed = [c.line() for c in verify(session["report"] / backend) if not c.ok]
+    failed = [c.line() for c in verify(bundle_dir(session["report"], backend)) if not c.ok]
     assert not failed
 
 

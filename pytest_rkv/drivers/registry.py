@@ -12,6 +12,7 @@ BACKENDS: dict[str, str] = {
     "reference-http": "pytest_rkv.drivers.http:ReferenceHttpDriver",
     "rkv-http": "pytest_rkv.drivers.http:RkvHttpDriver",
     "vllm": "pytest_rkv.drivers.vllm.driver:VllmDriver",
+    "vllm+rkv": "pytest_rkv.drivers.vllm_rkv:VllmRkvDriver",
 }
 
 

@@ -1,0 +1,222 @@
+"""RKV API v1 on vLLM's OpenAI API server: a `vllm.endpoint_plugins` entry point.
+
+Registered (pyproject.toml) as
+
+    [project.entry-points."vllm.endpoint_plugins"]
+    rkv = "pytest_rkv.adapters.vllm.endpoints:RkvEndpointPlugin"
+
+and loaded only when `VLLM_PLUGINS` names it (`VLLM_PLUGINS=rkv`), as vLLM requires of
+every endpoint plugin.
+
+The routes are the reference server's (pytest_rkv/reference/server.py) with the same
+bodies. Each claim operation is one engine utility call, `EngineCore.rkv_call(op,
+payload)`, answered by the scheduler-side claim book (claims.py) in the engine thread; the
+answer is `{"status", "body"}` and goes back to the client as it is.
+
+`POST /v1/completions` replaces vLLM's route of the same path (endpoint-plugin routes win)
+and still serves through vLLM's own `OpenAIServingCompletion`: it only adds the contract's
+fields around it. In: `claim_id` (checked, 404 if unknown) and the request id go to the
+engine in `vllm_xargs`. Out: the scheduler's outcome for the request comes back in the
+response's `kv_transfer_params["rkv"]`; a refusal becomes HTTP 409 `active_refusal`
+(the ErrorResponse the claim book built, naming the blocking claims and the block
+arithmetic), anything else the `rkv` record (`reuse`, `failures`). Streaming requests are
+passed through untouched (no `rkv` record; a refusal ends the stream with
+`finish_reason: "abort"`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
+from pytest_rkv.adapters.vllm import ENGINE_METHOD, PLUGIN_NAME
+from pytest_rkv.adapters.vllm.config import AdapterConfig
+from pytest_rkv.contract import ClaimRequest, FaultRequest
+
+
+def _error(status: int, type_: str, message: str, **extra: Any) -> dict:
+    return {"status": status, "body": {"error": {"type": type_, "message": message, **extra}}}
+
+
+def _validation_error(model: str, exc: ValidationError) -> dict:
+    fields = [
+        {"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+    message = f"{model}: " + "; ".join(
+        f"{'.'.join(map(str, f['loc'])) or 'body'}: {f['msg']}" for f in fields
+    )
+    return _error(422, "invalid_request", message, fields=fields)
+
+
+def _respond(reply: dict) -> JSONResponse:
+    return JSONResponse(reply["body"], status_code=reply["status"])
+
+
+class Bridge:
+    """The API server's handle on the engine-side claim book."""
+
+    def __init__(self, engine_client: Any, config: AdapterConfig) -> None:
+        self.engine_client = engine_client
+        self.config = config
+
+    async def call(self, op: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+        core = getattr(self.engine_client, "engine_core", None)
+        if core is None:
+            return _error(501, "unsupported", "this vLLM server has no engine to hold claims")
+        try:
+            return await asyncio.wait_for(
+                core.call_utility_async(ENGINE_METHOD, op, payload or {}),
+                timeout or self.config.call_timeout_s,
+            )
+        except asyncio.TimeoutError:
+            return _error(503, "capacity", f"the engine did not answer {op!r} in time; retry")
+        except Exception as exc:  # the engine-side adapter is missing or failed
+            return _error(501, "unsupported", f"the RKV adapter did not answer {op!r}: {exc}")
+
+
+def _bridge(raw: Request) -> Bridge:
+    return raw.app.state.rkv_bridge
+
+
+async def _parse(raw: Request, model: type[BaseModel]) -> BaseModel | dict:
+    body = await raw.body()
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as exc:
+        return _validation_error(model.__name__, exc)
+
+
+def build_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/v1/kv/info")
+    async def kv_info(raw: Request):
+        return _respond(await _bridge(raw).call("info"))
+
+    @router.post("/v1/kv/claims")
+    async def kv_create_claim(raw: Request):
+        req = await _parse(raw, ClaimRequest)
+        if isinstance(req, dict):
+            return _respond(req)
+        bridge = _bridge(raw)
+        return _respond(await bridge.call("claim", req.model_dump(mode="json"),
+                                          timeout=bridge.config.materialize_timeout_s))
+
+    @router.get("/v1/kv/claims")
+    async def kv_list_claims(raw: Request):
+        return _respond(await _bridge(raw).call("list"))
+
+    @router.get("/v1/kv/claims/{claim_id}")
+    async def kv_get_claim(claim_id: str, raw: Request):
+        return _respond(await _bridge(raw).call("get", {"claim_id": claim_id}))
+
+    @router.delete("/v1/kv/claims/{claim_id}")
+    async def kv_release_claim(claim_id: str, raw: Request):
+        return _respond(await _bridge(raw).call("release", {"claim_id": claim_id}))
+
+    @router.get("/v1/kv/events")
+    async def kv_events(raw: Request):
+        try:
+            after = int(raw.query_params.get("after", "0"))
+        except ValueError:
+            return _respond(_error(422, "invalid_request", "after: must be an integer",
+                                   fields=[{"loc": ["query", "after"], "msg": "must be an integer"}]))
+        return _respond(await _bridge(raw).call("events", {"after": after}))
+
+    @router.get("/v1/kv/pool")
+    async def kv_pool(raw: Request):
+        return _respond(await _bridge(raw).call("pool"))
+
+    @router.post("/v1/kv/reset")
+    async def kv_reset(raw: Request):
+        return _respond(await _bridge(raw).call("reset"))
+
+    @router.post("/v1/kv/faults")
+    async def kv_faults(raw: Request):
+        req = await _parse(raw, FaultRequest)
+        if isinstance(req, dict):
+            return _respond(req)
+        return _respond(await _bridge(raw).call("fault", req.model_dump(mode="json")))
+
+    @router.post("/v1/completions")
+    async def completions(raw: Request):
+        return await _completion(raw)
+
+    return router
+
+
+async def _completion(raw: Request):
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    try:
+        body = await raw.json()
+    except ValueError:
+        return _respond(_error(422, "invalid_request", "the body is not JSON"))
+    if not isinstance(body, dict):
+        return _respond(_error(422, "invalid_request", "the body must be a JSON object"))
+    bridge = _bridge(raw)
+    claim_id = body.pop("claim_id", None)
+    request_id = str(body.get("request_id") or f"rkv-{uuid.uuid4().hex[:16]}")
+    body["request_id"] = request_id
+    if claim_id is not None:
+        found = await bridge.call("get", {"claim_id": str(claim_id)})
+        if found["status"] != 200:
+            return _respond(found)
+    xargs = dict(body.get("vllm_xargs") or {})
+    xargs["rkv_request_id"] = request_id
+    if claim_id is not None:
+        xargs["rkv_claim_id"] = str(claim_id)
+    body["vllm_xargs"] = xargs
+    try:
+        vreq = CompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        return _respond(_validation_error("CompletionRequest", exc))
+    handler = getattr(raw.app.state, "openai_serving_completion", None)
+    if handler is None:
+        return _respond(_error(501, "unsupported", "this model does not serve completions"))
+
+    result = await handler.create_completion(vreq, raw)
+    if isinstance(result, ErrorResponse):
+        err = result.error
+        kind = ("capacity" if err.code == 400 and "maximum context length" in err.message.lower()
+                else "invalid_request")
+        return JSONResponse({"error": {"type": kind, "message": err.message, "reason": err.type,
+                                       "request_id": request_id}}, status_code=err.code)
+    if not isinstance(result, CompletionResponse):  # a stream: vLLM's, untouched
+        return StreamingResponse(content=result, media_type="text/event-stream")
+    data = result.model_dump()
+    params = data.get("kv_transfer_params")
+    outcome = params.pop("rkv", None) if isinstance(params, dict) else None
+    if outcome and outcome.get("refused"):
+        return JSONResponse({"error": outcome["refused"]}, status_code=409)
+    data["kv_transfer_params"] = params or None
+    data["rkv"] = {
+        "request_id": request_id,
+        "reuse": (outcome or {}).get("reuse", []),
+        "failures": (outcome or {}).get("failures", []),
+    }
+    for choice in data.get("choices") or []:
+        if choice.get("text") is None:
+            choice["text"] = ""
+    return JSONResponse(data)
+
+
+class RkvEndpointPlugin:
+    """The `vllm.endpoint_plugins` factory (a zero-argument class, as vLLM expects)."""
+
+    name = PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(build_router())
+
+    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        config = AdapterConfig.from_additional_config(getattr(args, "additional_config", None))
+        state.rkv_bridge = Bridge(engine_client, config)
