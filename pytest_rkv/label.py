@@ -676,9 +676,14 @@ def _substrates_passed(ctx: _Context) -> set[str]:
 # -- one row -------------------------------------------------------------------------------
 
 
-def lowering_row_label(checks: Mapping[str, ObligationCheck]) -> tuple[Label, Finding]:
+def lowering_row_label(checks: Mapping[str, ObligationCheck],
+                       unsupported: frozenset[str] = frozenset()) -> tuple[Label, Finding]:
     """The row from its obligations: any rejected mapping rejects the row; otherwise native
-    or adapter only if every applicable obligation is; approximation if anything positive."""
+    or adapter only if every applicable obligation is; approximation if anything positive.
+
+    As in `row_label`, an adapter row may bound its scope: obligations the descriptor does
+    not propose positively *and* the run declared unsupported lie outside it, never a core
+    obligation. `unsupported` holds the obligations the run declared unsupported."""
     counted = {k: c for k, c in checks.items() if c.label is not None}
     rejected = sorted(k for k, c in counted.items() if c.label == Label.REJECTED)
     if rejected:
@@ -693,6 +698,12 @@ def lowering_row_label(checks: Mapping[str, ObligationCheck]) -> tuple[Label, Fi
         return Label.ADAPTER, Finding("confirmed", f"every obligation is supported; through an adapter: "
                                                    f"{', '.join(adapted)}")
     missing = sorted(k for k, c in counted.items() if c.label not in _POSITIVE)
+    outside = [k for k in missing if k in unsupported and checks[k].proposed not in _POSITIVE]
+    inside = {k: c for k, c in counted.items() if k not in outside}
+    if (outside == missing and Label.ADAPTER in {c.label for c in inside.values()}
+            and not set(CORE_OBLIGATIONS) & set(outside)):
+        return Label.ADAPTER, Finding("confirmed", f"every obligation in the adapter's scope is supported; "
+                                                   f"declared unsupported, outside it: {', '.join(outside)}")
     if labels & {Label.NATIVE, Label.ADAPTER, Label.APPROXIMATION}:
         return Label.APPROXIMATION, Finding("unconfirmed", f"substrates present, obligations missing: "
                                                            f"{', '.join(missing)}")
@@ -708,7 +719,11 @@ def check_lowering(descriptor: Descriptor, evidence: Evidence | None = None, *,
     run, problems = _read_run(evidence)
     ctx = _Context(descriptor, catalogue, run, source_root)
     checks = {ob.id: _check_obligation(ob.id, descriptor.lowerings.get(ob.id), ctx) for ob in OBLIGATIONS}
-    label, finding = lowering_row_label(checks)
+    unsupported = frozenset(
+        ob_id for ob_id, entry in (evidence.row or {}).get("obligations", {}).items()
+        if isinstance(entry, dict) and entry.get("outcome") == "unsupported"
+    ) if run is not None else frozenset()
+    label, finding = lowering_row_label(checks, unsupported)
     findings = [finding] + [Finding("bad-evidence", f"evidence ignored: {p}") for p in problems]
     if run is None:
         findings.append(Finding("static-only", "no run evidence: nothing above approximation substrate"))

@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -240,10 +241,8 @@ def _shown(source: str) -> str:
 
 
 def _link(source: str, base: Path | None) -> str:
-    path = Path(source)
+    """A link that survives moving the report together with its evidence: relative."""
+    path = Path(source).resolve()
     if base is not None:
-        try:
-            return str(path.resolve().relative_to(base.resolve()))
-        except ValueError:
-            pass
-    return path.resolve().as_uri()
+        return os.path.relpath(path, base.resolve())
+    return path.as_uri()

@@ -316,3 +316,28 @@ def test_check_data_turns_a_malformed_descriptor_into_an_unknown_row():
 def test_committed_descriptors_load():
     for path in descriptor_files(BACKENDS):
         assert load_descriptor(path).runtime.version
+
+
+def test_an_adapter_row_may_leave_out_what_it_declares_unsupported_but_never_the_core():
+    from pytest_rkv.contract import OBLIGATIONS, Label
+    from pytest_rkv.label import Finding, ObligationCheck, lowering_row_label
+
+    def checks(gap: str, proposed: Label | None):
+        out = {}
+        for ob in OBLIGATIONS:
+            if ob.routed_only:
+                out[ob.id] = ObligationCheck(ob.id, None, None, None, ())
+            elif ob.id == gap:
+                out[ob.id] = ObligationCheck(ob.id, Label.UNKNOWN, proposed, None, (Finding("unconfirmed", "x"),))
+            else:
+                out[ob.id] = ObligationCheck(ob.id, Label.ADAPTER, Label.ADAPTER, "s", (Finding("confirmed", "x"),))
+        return out
+
+    unsupported = frozenset({"demotion-restore", "active-refusal"})
+    assert lowering_row_label(checks("demotion-restore", Label.UNKNOWN), unsupported)[0] == Label.ADAPTER
+    # proposed positively but not shown: the descriptor promised it, so no bounding
+    assert lowering_row_label(checks("demotion-restore", Label.ADAPTER), unsupported)[0] == Label.APPROXIMATION
+    # the run did not say unsupported (it failed, errored, ...): no bounding
+    assert lowering_row_label(checks("demotion-restore", Label.UNKNOWN), frozenset())[0] == Label.APPROXIMATION
+    # a core obligation can never be left out
+    assert lowering_row_label(checks("active-refusal", Label.UNKNOWN), unsupported)[0] == Label.APPROXIMATION
