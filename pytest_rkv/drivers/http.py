@@ -33,6 +33,24 @@ M = TypeVar("M", bound=BaseModel)
 TIMEOUT = 30.0
 
 
+def parse_reply(method: str, path: str, resp: requests.Response, model: type[M]) -> Reply[M]:
+    """An RKV API v1 answer as a Reply; anything outside the API is a ProtocolViolation."""
+    try:
+        payload = resp.json()
+    except ValueError:
+        raise ProtocolViolation(
+            f"{method} {path} answered {resp.status_code} with a non-JSON body: {resp.text[:300]!r}"
+        ) from None
+    try:
+        if resp.ok:
+            return Reply(resp.status_code, value=model.model_validate(payload))
+        return Reply(resp.status_code, error=ErrorResponse.model_validate(payload).error)
+    except ValidationError as exc:
+        raise ProtocolViolation(
+            f"{method} {path} answered {resp.status_code} with a body outside RKV API v1:\n{exc}"
+        ) from None
+
+
 class RkvHttpDriver(Driver):
     name = "rkv-http"
     depth = "native"
@@ -68,20 +86,7 @@ class RkvHttpDriver(Driver):
         except requests.RequestException as exc:
             self.check_alive()
             raise HarnessError(f"{method} {path} failed: {exc.__class__.__name__}: {exc}") from None
-        try:
-            payload = resp.json()
-        except ValueError:
-            raise ProtocolViolation(
-                f"{method} {path} answered {resp.status_code} with a non-JSON body: {resp.text[:300]!r}"
-            ) from None
-        try:
-            if resp.ok:
-                return Reply(resp.status_code, value=model.model_validate(payload))
-            return Reply(resp.status_code, error=ErrorResponse.model_validate(payload).error)
-        except ValidationError as exc:
-            raise ProtocolViolation(
-                f"{method} {path} answered {resp.status_code} with a body outside RKV API v1:\n{exc}"
-            ) from None
+        return parse_reply(method, path, resp, model)
 
     def _get(self, path: str, model: type[M], **params) -> M:
         reply = self._call("GET", path, model, params=params or None)

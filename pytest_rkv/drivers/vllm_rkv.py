@@ -29,7 +29,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import ClassVar
 
-from pydantic import ValidationError
 
 from pytest_rkv.adapters.vllm import ADAPTER_VERSION, CONFIG_KEY, PLUGIN_NAME, SCHEDULER_CLS
 from pytest_rkv.contract import (
@@ -38,16 +37,15 @@ from pytest_rkv.contract import (
     Completion,
     CompletionRequest,
     Depth,
-    ErrorResponse,
     Event,
     FaultRequest,
     PoolState,
     RuntimeInfo,
 )
 from pytest_rkv.drivers.base import DriverSettings, Reply
-from pytest_rkv.drivers.http import RkvHttpDriver
+from pytest_rkv.drivers.http import RkvHttpDriver, parse_reply
 from pytest_rkv.drivers.vllm.driver import REQUEST_TIMEOUT, VllmDriver, completion_body
-from pytest_rkv.errors import HarnessError, ProtocolViolation, ServerStartError
+from pytest_rkv.errors import HarnessError, ServerStartError
 
 RESET_TIMEOUT = 30.0
 ENDPOINT_GROUP = "vllm.endpoint_plugins"
@@ -238,17 +236,4 @@ class VllmRkvDriver(VllmDriver):
         resp = self._request("POST", "/v1/completions", json=body, timeout=REQUEST_TIMEOUT)
         if resp.status_code >= 500:
             self.check_alive()
-        try:
-            payload = resp.json()
-        except ValueError:
-            raise ProtocolViolation(
-                f"/v1/completions answered {resp.status_code} with a non-JSON body: {resp.text[:300]!r}"
-            ) from None
-        try:
-            if resp.ok:
-                return Reply(resp.status_code, value=Completion.model_validate(payload))
-            return Reply(resp.status_code, error=ErrorResponse.model_validate(payload).error)
-        except ValidationError as exc:
-            raise ProtocolViolation(
-                f"/v1/completions answered {resp.status_code} with a body outside RKV API v1:\n{exc}"
-            ) from None
+        return parse_reply("POST", "/v1/completions", resp, Completion)
