@@ -343,7 +343,11 @@ def test_adapter_config_rejects_unknown_keys():
 
 
 def test_driver_adds_the_plugin_to_the_vllm_allowlist():
-    from pytest_rkv.drivers.vllm_rkv import adapter_server_args, endpoint_plugin_problem, plugins_env
+    from pytest_rkv.drivers.vllm_rkv import (
+        adapter_server_args,
+        endpoint_plugin_problem,
+        plugins_env,
+    )
 
     assert plugins_env(None) == "rkv" and plugins_env("a,b") == "a,b,rkv" and plugins_env("rkv") == "rkv"
     args = adapter_server_args()

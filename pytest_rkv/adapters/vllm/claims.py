@@ -47,7 +47,13 @@ from typing import Any
 
 from pytest_rkv.adapters.vllm import ADAPTER_VERSION
 from pytest_rkv.adapters.vllm.config import AdapterConfig
-from pytest_rkv.contract import API_VERSION, EVENT_TRANSITIONS, TERMINAL_STATES, ClaimState, EventType
+from pytest_rkv.contract import (
+    API_VERSION,
+    EVENT_TRANSITIONS,
+    TERMINAL_STATES,
+    ClaimState,
+    EventType,
+)
 
 _MASK64 = (1 << 64) - 1
 _GROUP = 0  # the adapter supports exactly one KV cache group (full attention)
@@ -112,7 +118,7 @@ class EvictionObserver:
     the claim core about every cached block the pool evicts. It forwards to vLLM's real
     collector, if one was configured (`--kv-cache-metrics`)."""
 
-    def __init__(self, core: "ClaimCore", inner: Any = None) -> None:
+    def __init__(self, core: ClaimCore, inner: Any = None) -> None:
         self.core = core
         self.inner = inner
         self.sample_rate = getattr(inner, "sample_rate", 1.0)

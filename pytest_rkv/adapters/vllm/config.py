@@ -29,7 +29,7 @@ class AdapterConfig:
     call_timeout_s: float = 30.0
 
     @classmethod
-    def from_additional_config(cls, additional: Any) -> "AdapterConfig":
+    def from_additional_config(cls, additional: Any) -> AdapterConfig:
         if isinstance(additional, str):
             additional = json.loads(additional) if additional.strip() else {}
         if not isinstance(additional, dict):

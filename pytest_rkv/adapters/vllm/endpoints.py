@@ -74,7 +74,7 @@ class Bridge:
                 core.call_utility_async(ENGINE_METHOD, op, payload or {}),
                 timeout or self.config.call_timeout_s,
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return _error(503, "capacity", f"the engine did not answer {op!r} in time; retry")
         except Exception as exc:  # the engine-side adapter is missing or failed
             return _error(501, "unsupported", f"the RKV adapter did not answer {op!r}: {exc}")
@@ -152,7 +152,10 @@ def build_router() -> APIRouter:
 
 
 async def _completion(raw: Request):
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+    from vllm.entrypoints.openai.completion.protocol import (
+        CompletionRequest,
+        CompletionResponse,
+    )
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     try:
