@@ -6,6 +6,7 @@ bundles verify, and no server process survives.
 """
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,15 +18,25 @@ from tests.conftest import SUITES
 BACKENDS = ("reference", "vllm", "vllm+rkv")
 
 
-def _vllm_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "vllm.entrypoints" in line or "VLLM::" in line]
+def _vllm_processes(report) -> list[int]:
+    """vLLM processes started for this run's report dir (their environment names it), so
+    servers other sessions run on the same machine never count."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if str(report).encode() in f.read():
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        if b"vllm" in c.read():
+                            found.append(int(pid))
+        except OSError:
+            continue
+    return found
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     report = tmp_path_factory.mktemp("real-rows")
-    before = set(_vllm_processes())
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(SUITES), "--rkv-certify", f"--rkv-backend={','.join(BACKENDS)}",
          "--rkv-report-dir", str(report), "-p", "no:cacheprovider", "-q"],
@@ -33,7 +44,7 @@ def session(tmp_path_factory):
     )
     rows = {b: json.loads((bundle_dir(report, b) / "row.json").read_text())
             for b in BACKENDS if (bundle_dir(report, b) / "row.json").exists()}
-    return {"proc": proc, "report": report, "rows": rows, "leftover": set(_vllm_processes()) - before}
+    return {"proc": proc, "report": report, "rows": rows, "leftover": _vllm_processes(report)}
 
 
 def test_both_rows_come_from_one_run(session):

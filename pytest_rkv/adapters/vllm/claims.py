@@ -32,7 +32,7 @@ Cost per scheduler step, with no claims: one dict truthiness test per hook. With
 work proportional to the claims and blocks an admission actually touches (the index
 lookup, the hit blocks, the soft claims that yield); nothing walks the block pool per step.
 Two API answers do walk the pool, once per call: `GET /v1/kv/pool` and the arithmetic of a
-refusal (how many blocks are free vs. evictable). See bench/README_vllm_adapter.md.
+refusal (how many blocks are free vs. evictable). See bench/README.md.
 """
 
 from __future__ import annotations
