@@ -1,6 +1,7 @@
 """Self-test helpers: run the real suites in a child pytest and read the rows it wrote."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,10 @@ def run_suites(pytester, tmp_path):
         return SuiteRun(runner(*argv, **kw), report_dir)
 
     return run
+
+
+def rkv_serve_pids() -> set[int]:
+    """Pids of every `rkv serve` process on the machine (for leftover checks: compare the
+    set before and after a run, so other sessions' servers never count)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return {int(line.split()[0]) for line in out.splitlines() if "pytest_rkv.cli serve" in line}

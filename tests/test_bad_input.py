@@ -1,6 +1,5 @@
 """Bad input gets a clear error and loses nothing."""
 
-import subprocess
 import threading
 
 import pytest
@@ -8,6 +7,7 @@ import requests
 
 from pytest_rkv.reference.runtime import MicroRuntime
 from pytest_rkv.reference.server import serve
+from tests.conftest import rkv_serve_pids
 
 CRASH_PLUGIN = '''
 seen = 0
@@ -51,7 +51,7 @@ def test_unreachable_url_makes_every_obligation_unknown(run_suites):
 def test_server_dying_mid_run_leaves_the_rest_unknown_with_the_log_tail(run_suites, pytester):
     pytester.makepyfile(crashplugin=CRASH_PLUGIN)
     pytester.syspathinsert()
-    before = set(_leftover_servers())
+    before = rkv_serve_pids()
     run = run_suites("--rkv-backend=reference-http", "-p", "crashplugin", "-p", "no:randomly")
     row = run.row("reference-http")
     assert row["label"] == "unknown evidence"
@@ -59,12 +59,7 @@ def test_server_dying_mid_run_leaves_the_rest_unknown_with_the_log_tail(run_suit
     assert errors, "tests after the crash must be errors"
     assert all("exited with code" in t["detail"] and "server log" in t["detail"] for t in errors)
     assert "passed" not in {t["outcome"] for t in errors}
-    assert not set(_leftover_servers()) - before, "the run left its server behind"
-
-
-def _leftover_servers() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if "pytest_rkv.cli serve" in line]
+    assert not rkv_serve_pids() - before, "the run left its server behind"
 
 
 @pytest.fixture

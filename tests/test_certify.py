@@ -37,6 +37,16 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
     return dest
 
 
+def _tampered_row(certified: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the bundle whose row.json `edit(row)` changed, resealed like a careful forger."""
+    bundle = _copy(certified, tmp_path)
+    row = json.loads((bundle / "row.json").read_text())
+    edit(row)
+    (bundle / "row.json").write_text(json.dumps(row))
+    seal(bundle)
+    return bundle
+
+
 def _failed(bundle: Path) -> dict[str, str]:
     return {c.name: c.message for c in verify(bundle) if not c.ok}
 
@@ -72,35 +82,29 @@ def test_secrets_never_enter_the_bundle(certified):
 
 
 def test_edited_label_is_caught(certified, tmp_path):
-    bundle = _copy(certified, tmp_path)
-    row = json.loads((bundle / "row.json").read_text())
-    row["obligations"]["active-refusal"]["label"] = "adapter-scoped evidence"
-    (bundle / "row.json").write_text(json.dumps(row))
-    seal(bundle)
-    failed = _failed(bundle)
+    def edit(row):
+        row["obligations"]["active-refusal"]["label"] = "adapter-scoped evidence"
+
+    failed = _failed(_tampered_row(certified, tmp_path, edit))
     assert list(failed) == ["labels"]
     assert "active-refusal: labelled 'adapter-scoped evidence', the evidence gives 'native conformance'" in failed["labels"]
 
 
 def test_edited_outcome_is_caught(certified, tmp_path):
-    bundle = _copy(certified, tmp_path)
-    row = json.loads((bundle / "row.json").read_text())
-    row["obligations"]["expiry"]["tests"][0]["outcome"] = "failed"
-    (bundle / "row.json").write_text(json.dumps(row))
-    seal(bundle)
-    failed = _failed(bundle)
+    def edit(row):
+        row["obligations"]["expiry"]["tests"][0]["outcome"] = "failed"
+
+    failed = _failed(_tampered_row(certified, tmp_path, edit))
     assert "junit says passed, the row says failed" in failed["junit"]
     assert "expiry: outcome 'passed', its tests give 'failed'" in failed["labels"]
 
 
 def test_edited_descriptor_label_is_caught(certified, tmp_path):
-    bundle = _copy(certified, tmp_path)
-    row = json.loads((bundle / "row.json").read_text())
-    assert row["descriptors"]["reference.toml"]["label"] == "native conformance"
-    row["descriptors"]["reference.toml"]["label"] = "adapter-scoped evidence"
-    (bundle / "row.json").write_text(json.dumps(row))
-    seal(bundle)
-    failed = _failed(bundle)
+    def edit(row):
+        assert row["descriptors"]["reference.toml"]["label"] == "native conformance"
+        row["descriptors"]["reference.toml"]["label"] = "adapter-scoped evidence"
+
+    failed = _failed(_tampered_row(certified, tmp_path, edit))
     assert list(failed) == ["descriptors"]
     assert "reference.toml: labelled 'adapter-scoped evidence', the checker gives 'native conformance'" in failed["descriptors"]
 
@@ -155,11 +159,7 @@ def test_extra_file_is_caught(certified, tmp_path):
 
 
 def test_modified_suite_hash_is_caught(certified, tmp_path):
-    bundle = _copy(certified, tmp_path)
-    row = json.loads((bundle / "row.json").read_text())
-    row["suite_hash"] = "f" * 64
-    (bundle / "row.json").write_text(json.dumps(row))
-    seal(bundle)
+    bundle = _tampered_row(certified, tmp_path, lambda row: row.update(suite_hash="f" * 64))
     assert "the suite was modified" in _failed(bundle)["suite"]
 
 

@@ -6,16 +6,11 @@ import sys
 import time
 
 from pytest_rkv.drivers.process import ManagedProcess
-from tests.conftest import SUITES
-
-
-def _servers() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "pytest_rkv.cli serve" in line]
+from tests.conftest import SUITES, rkv_serve_pids
 
 
 def test_ctrl_c_during_a_run_leaves_no_server(tmp_path):
-    before = set(_servers())
+    before = rkv_serve_pids()
     run = subprocess.Popen(
         [sys.executable, "-m", "pytest", str(SUITES), "--rkv-backend=reference-http",
          "--rkv-report-dir", str(tmp_path), "-p", "no:cacheprovider", "-q",
@@ -23,15 +18,15 @@ def test_ctrl_c_during_a_run_leaves_no_server(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 30
-    while not set(_servers()) - before and time.monotonic() < deadline:
+    while not rkv_serve_pids() - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    started = set(_servers()) - before
+    started = rkv_serve_pids() - before
     assert started, "the run never started its server"
     time.sleep(0.5)
     run.send_signal(signal.SIGINT)
     output, _ = run.communicate(timeout=60)
     assert run.returncode == 2, output  # pytest's "interrupted"
-    assert not started & set(_servers()), f"server(s) {started} survived Ctrl-C:\n{output}"
+    assert not started & rkv_serve_pids(), f"server(s) {started} survived Ctrl-C:\n{output}"
 
 
 def test_rkv_http_against_a_running_server_is_native(run_suites, tmp_path):
@@ -54,4 +49,4 @@ def test_rkv_http_against_a_running_server_is_native(run_suites, tmp_path):
         assert row["runtime"] == "pytest-rkv-reference"
     finally:
         server.stop()
-    assert server.proc.pid not in _servers()
+    assert server.proc.pid not in rkv_serve_pids()
