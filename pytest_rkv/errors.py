@@ -51,6 +51,21 @@ class ProtocolViolation(AssertionError):
     """The backend answered outside RKV API v1 (malformed body, wrong status)."""
 
 
+class NoAnswer(Exception):
+    """The backend accepted a request but gave no answer within the bounded wait.
+
+    Not a harness error: a runtime that queues the canonical probe's active request
+    forever, instead of admitting or refusing it, breaks active refusal, and the test
+    that waited records *failed* with this as its evidence. A backend that is down or
+    unreachable is `BackendCrashed`/`HarnessError` instead (*unknown*)."""
+
+    def __init__(self, waited_s: float, detail: str = "") -> None:
+        text = f"no answer in {waited_s:g} s" + (f"; {detail}" if detail else "")
+        super().__init__(text)
+        self.waited_s = waited_s
+        self.detail = detail
+
+
 class Unsupported(Exception):
     """The backend declines: it does not offer the feature, or cannot be probed for it."""
 

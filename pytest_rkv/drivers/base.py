@@ -61,6 +61,9 @@ class DriverSettings:
     block_size: int | None = None
     model: str | None = None
     startup_timeout: float = 240.0
+    # How long a completion may stay unanswered before the driver raises `NoAnswer`
+    # (a runtime that queues a request it can neither admit nor refuse).
+    refusal_timeout: float = 30.0
     reference_faults: frozenset[str] = frozenset()
 
 
