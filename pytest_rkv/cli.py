@@ -66,7 +66,9 @@ def _suite_manifest(args: argparse.Namespace) -> int:
     from pytest_rkv.certify import MANIFEST, manifest_for
     from pytest_rkv.contract import SUITE_VERSION
 
-    suite_dir = Path(args.suite_dir).resolve()
+    from pytest_rkv.locations import suite_dir as released_suite
+
+    suite_dir = Path(args.suite_dir).resolve() if args.suite_dir else released_suite()
     manifest = manifest_for(suite_dir, SUITE_VERSION)
     manifest["tests"] = sorted(
         f"{path.name}::{node.name}"
@@ -77,7 +79,7 @@ def _suite_manifest(args: argparse.Namespace) -> int:
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     if args.check:
         if MANIFEST.read_text() != text:
-            print(f"{MANIFEST} is out of date with {suite_dir}; run `rkv suite-manifest {args.suite_dir}`", file=sys.stderr)
+            print(f"{MANIFEST} is out of date with {suite_dir}; run `rkv suite-manifest`", file=sys.stderr)
             return 1
         print(f"{MANIFEST} matches {suite_dir}")
         return 0
@@ -147,7 +149,10 @@ def _check(args: argparse.Namespace) -> int:
     catalogue = SuiteCatalogue.scan(args.suites) if args.suites else SuiteCatalogue.default()
     options = dict(evidence_dir=args.evidence_dir, catalogue=catalogue,
                    source_root=Path(args.source_root) if args.source_root else None)
-    if args.all:
+    if args.all is not None:
+        from pytest_rkv.locations import descriptors_dir
+
+        args.all = args.all or str(descriptors_dir())
         files = descriptor_files(args.all)
         if not files:
             print(f"rkv check: no .toml or .json descriptors under {args.all}", file=sys.stderr)
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("catalogue", help="print the obligation catalogue").set_defaults(func=_catalogue)
 
     m = sub.add_parser("suite-manifest", help="hash the suite into the package's suite_manifest.json")
-    m.add_argument("suite_dir", nargs="?", default="suites")
+    m.add_argument("suite_dir", nargs="?", help="the suite directory (default: the released suite, suites/ in a checkout)")
     m.add_argument("--check", action="store_true", help="only check that the manifest is up to date")
     m.set_defaults(func=_suite_manifest)
 
@@ -208,9 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("descriptor", nargs="?", help="a descriptor file (.toml or .json)")
     c.add_argument("--evidence", metavar="ROW_JSON", help="the row.json of a run (events.jsonl beside it is used)")
     c.add_argument("--events", metavar="EVENTS_JSONL", help="the run's event trace, if not beside the row")
-    c.add_argument("--all", metavar="DIR", help="check every descriptor under DIR and print the matrix")
+    c.add_argument("--all", metavar="DIR", nargs="?", const="", default=None,
+                   help="check every descriptor under DIR (default: the installed descriptors) and print the matrix")
     c.add_argument("--evidence-dir", metavar="DIR", help="where <backend>/row.json bundles live (rkv-report)")
-    c.add_argument("--suites", metavar="DIR", help="the suite directory (default: suites/ of this checkout)")
+    c.add_argument("--suites", metavar="DIR", help="the suite directory (default: the released suite)")
     c.add_argument("--source-root", metavar="DIR", help="a checkout of the runtime: source anchors must exist in it")
     c.set_defaults(func=_check)
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_openapi)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pytest_rkv.drivers.registry import BACKENDS, UnknownBackend
+from pytest_rkv.locations import descriptors_dir as released_descriptors
 from pytest_rkv.reference.runtime import FAULT_MODES
 
 # name -> (help, default)
@@ -28,7 +29,7 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "startup-timeout": ("seconds a backend server may take to become ready", "240"),
     "descriptors": (
         "directory of lowering descriptors; each backend's bundle gets its descriptors and "
-        "their checked labels (default: backends/ under the rootdir, when present)",
+        "their checked labels (default: the descriptors installed with pytest-rkv)",
         None,
     ),
     "reference-fault": (
@@ -126,8 +127,7 @@ def get_config(config: pytest.Config) -> RkvConfig:
         if not descriptors_dir.is_dir():
             raise pytest.UsageError(f"--rkv-descriptors: {descriptors_dir} is not a directory")
     else:
-        default = Path(config.rootpath) / "backends"
-        descriptors_dir = default if default.is_dir() else None
+        descriptors_dir = released_descriptors()
     return RkvConfig(
         backends=tuple(backends),
         url=url,

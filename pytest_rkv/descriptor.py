@@ -375,11 +375,10 @@ class SuiteCatalogue:
 
     @classmethod
     def default(cls) -> SuiteCatalogue:
-        """The suite beside this package (a source checkout), else the one in the cwd."""
-        for candidate in (Path(__file__).resolve().parent.parent / "suites", Path.cwd() / "suites"):
-            if candidate.is_dir():
-                return cls.scan(candidate)
-        return cls()
+        """The released suite (installed with the package)."""
+        from pytest_rkv.locations import suite_dir
+
+        return cls.scan(suite_dir())
 
     def keys_for(self, kind: str, id_: str) -> list[str]:
         return sorted(k for k, v in self.tests.items() if v == (kind, id_))

@@ -47,6 +47,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     add_options(parser)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config, parser: pytest.Parser, args: list[str]) -> None:
+    """`pytest --rkv-backend=X` with no path runs the released suite, from any directory.
+
+    Only a run that asks for rows on the command line gets it: plain `pytest` keeps the
+    project's own testpaths, and explicit paths are left alone. Appending here, before
+    pytest turns `args` into `config.args`, keeps the rootdir the invocation directory (a
+    suite path given by hand would make pytest look for its rootdir in site-packages)."""
+    known = early_config.known_args_namespace
+    asked = getattr(known, "rkv_backend", None) is not None or getattr(known, "rkv_certify", None)
+    if asked and not getattr(known, "file_or_dir", None):
+        from pytest_rkv.locations import suite_dir
+
+        args.append(str(suite_dir()))
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "rkv_obligation(id): the test is evidence for this obligation")
     config.addinivalue_line("markers", "rkv_substrate(id): the test records a substrate (never an obligation)")

@@ -1,0 +1,1 @@
+"""Lowering descriptors, one folder per runtime (installed as `pytest_rkv.descriptors`)."""
