@@ -4,6 +4,7 @@
     rkv check           label lowering descriptors against anchors and run evidence
     rkv verify          check an evidence bundle, independently of the run
     rkv matrix          render the conformance matrix (Markdown and HTML)
+    rkv backends        list the installed backends (built-in and vendors')
     rkv catalogue       print the obligation catalogue (Markdown)
     rkv openapi         print the OpenAPI document of RKV API v1
     rkv suite-manifest  hash the suite into the released manifest
@@ -85,6 +86,23 @@ def _suite_manifest(args: argparse.Namespace) -> int:
         return 0
     MANIFEST.write_text(text)
     print(f"wrote {MANIFEST}: suite {SUITE_VERSION}, {len(manifest['files'])} files, {len(manifest['tests'])} tests")
+    return 0
+
+
+def _backends(args: argparse.Namespace) -> int:
+    """Every installed backend: its id, depth, where it comes from, and whether it can run."""
+    from pytest_rkv.drivers.registry import BackendUnavailable, UnknownBackend, driver_class, installed
+
+    backends = installed()
+    width = max((len(b) for b in backends), default=7)
+    for backend in backends.values():
+        try:
+            cls = driver_class(backend.id)
+        except (BackendUnavailable, UnknownBackend) as exc:
+            status = f"unavailable: {exc}"
+        else:
+            status = f"depth {cls.depth}" + (", routed" if cls.routed else "")
+        print(f"{backend.id:<{width}}  {status}  [{backend.distribution} {backend.version}: {backend.target}]")
     return 0
 
 
@@ -194,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(func=_serve)
 
     sub.add_parser("catalogue", help="print the obligation catalogue").set_defaults(func=_catalogue)
+    sub.add_parser("backends", help="list the installed backends (built-in and vendors')").set_defaults(func=_backends)
 
     m = sub.add_parser("suite-manifest", help="hash the suite into the package's suite_manifest.json")
     m.add_argument("suite_dir", nargs="?", help="the suite directory (default: the released suite, suites/ in a checkout)")

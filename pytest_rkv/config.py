@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_rkv.drivers.registry import BACKENDS, UnknownBackend
+from pytest_rkv.drivers.registry import BackendUnavailable, UnknownBackend, driver_class, installed
 from pytest_rkv.locations import descriptors_dir as released_descriptors
 from pytest_rkv.reference.runtime import FAULT_MODES
 
 # name -> (help, default)
 OPTIONS: dict[str, tuple[str, str | None]] = {
     "backend": (
-        "backend(s) to test, comma-separated; each becomes its own row. "
-        f"Available: {', '.join(BACKENDS)}",
+        "backend(s) to test, comma-separated; each becomes its own row (`rkv backends` lists "
+        "the installed ones)",
         "reference",
     ),
     "url": ("base URL of an already-running RKV API v1 server (backend rkv-http)", None),
@@ -85,12 +85,12 @@ def get_config(config: pytest.Config) -> RkvConfig:
     """Resolve and validate every option; bad values are usage errors, at the door."""
     backends = _split(_value(config, "backend"))
     if not backends:
-        raise pytest.UsageError(f"--rkv-backend is empty; available: {', '.join(BACKENDS)}")
+        raise pytest.UsageError(f"--rkv-backend is empty; installed: {', '.join(installed())}")
     for name in backends:
-        if name not in BACKENDS:
-            raise pytest.UsageError(str(UnknownBackend(
-                f"--rkv-backend: unknown backend {name!r}; available: {', '.join(BACKENDS)}"
-            )))
+        try:
+            driver_class(name)  # unknown, or its runtime missing: a usage error, before collection
+        except (UnknownBackend, BackendUnavailable) as exc:
+            raise pytest.UsageError(f"--rkv-backend: {exc}") from None
     if len(set(backends)) != len(backends):
         raise pytest.UsageError(f"--rkv-backend names a backend twice: {','.join(backends)}")
 

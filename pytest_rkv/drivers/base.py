@@ -79,6 +79,9 @@ class Driver(ABC):
     depth: ClassVar[Depth] = "native"
     # Routed multi-worker backends are the only ones the placement obligation applies to.
     routed: ClassVar[bool] = False
+    # Modules the runtime needs in this interpreter; a missing one makes selecting the
+    # backend a usage error naming what to install (the registry checks, before any test).
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, settings: DriverSettings) -> None:
         self.settings = settings

@@ -1,31 +1,100 @@
-"""Backend names -> driver classes, as dotted strings imported only when selected, so a
-run that never names vLLM never imports it."""
+"""Backend ids -> driver classes, through the `pytest_rkv.backends` entry-point group.
+
+Every backend, built-in or a vendor's, is registered the same way, in its distribution's
+metadata:
+
+    [project.entry-points."pytest_rkv.backends"]
+    my-runtime = "my_package.driver:MyDriver [my-extra]"
+
+The entry point is loaded only when its backend is selected, so a run that never names vLLM
+never imports it. The optional `[extra]` names what to install for the runtime; it is only
+used to say so when the runtime is missing.
+"""
 
 from __future__ import annotations
 
-import importlib
+import functools
+import importlib.util
+from dataclasses import dataclass
+from importlib import metadata
 
 from pytest_rkv.drivers.base import Driver
 
-BACKENDS: dict[str, str] = {
-    "reference": "pytest_rkv.drivers.reference:ReferenceDriver",
-    "reference-http": "pytest_rkv.drivers.http:ReferenceHttpDriver",
-    "rkv-http": "pytest_rkv.drivers.http:RkvHttpDriver",
-    "vllm": "pytest_rkv.drivers.vllm.driver:VllmDriver",
-    "vllm+rkv": "pytest_rkv.drivers.vllm_rkv:VllmRkvDriver",
-}
+GROUP = "pytest_rkv.backends"
 
 
 class UnknownBackend(ValueError):
-    pass
+    """No installed distribution registers this backend id."""
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend is registered, but its runtime (or a package it needs) is not installed."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One registered backend, as its distribution's metadata declares it."""
+
+    id: str
+    target: str  # "module:Class"
+    distribution: str  # the distribution that registers it ("pytest-rkv" for the built-ins)
+    version: str
+    extras: tuple[str, ...]
+
+    @property
+    def install_hint(self) -> str:
+        if not self.extras:
+            return f"reinstall {self.distribution}"
+        return " or ".join(f"pip install '{self.distribution}[{extra}]'" for extra in self.extras)
+
+
+@functools.cache
+def installed() -> dict[str, Backend]:
+    """Every registered backend, by id (the first distribution on the path wins a clash).
+    Read once per process: installing a distribution mid-run is not supported."""
+    found: dict[str, Backend] = {}
+    for dist in metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group == GROUP and ep.name not in found:
+                module, _, attr = ep.value.partition(":")
+                attr, _, extras = attr.partition("[")
+                found[ep.name] = Backend(
+                    id=ep.name,
+                    target=f"{module.strip()}:{attr.strip()}",
+                    distribution=dist.metadata["Name"],
+                    version=dist.version,
+                    extras=tuple(e.strip() for e in extras.rstrip("]").split(",") if e.strip()),
+                )
+    return dict(sorted(found.items()))
+
+
+def lookup(name: str) -> Backend:
+    backends = installed()
+    if name not in backends:
+        raise UnknownBackend(
+            f"unknown backend {name!r}; installed: {', '.join(backends) or 'none'} "
+            "(`rkv backends` lists them; a vendor's backend is a distribution that registers "
+            f"an entry point in the {GROUP!r} group)"
+        )
+    return backends[name]
 
 
 def driver_class(name: str) -> type[Driver]:
+    """The driver class of backend `name`, checked to be installed and usable."""
+    backend = lookup(name)
+    module, _, attr = backend.target.partition(":")
     try:
-        target = BACKENDS[name]
-    except KeyError:
-        raise UnknownBackend(
-            f"unknown backend {name!r}; available: {', '.join(BACKENDS)}"
+        cls = getattr(importlib.import_module(module), attr)
+    except ModuleNotFoundError as exc:
+        raise BackendUnavailable(
+            f"backend {name!r} cannot load: {exc}; install its runtime: {backend.install_hint}"
         ) from None
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Driver)):
+        raise UnknownBackend(f"backend {name!r} ({backend.target}, from {backend.distribution}) is not a Driver class")
+    missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailable(
+            f"backend {name!r} needs {', '.join(missing)}, not installed here; install its runtime: "
+            f"{backend.install_hint}"
+        )
+    return cls

@@ -57,6 +57,7 @@ _CONTEXT_LENGTH = re.compile(r"maximum context length", re.IGNORECASE)
 class VllmDriver(Driver):
     name = "vllm"
     depth = "none"
+    requires = ("vllm", "msgspec", "zmq")
 
     def __init__(self, settings: DriverSettings, *, extra_server_args: tuple[str, ...] = ()) -> None:
         super().__init__(settings)
