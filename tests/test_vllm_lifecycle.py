@@ -13,7 +13,6 @@ same machine (a concurrent suite run) cannot make these tests pass or fail:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import signal
@@ -25,9 +24,10 @@ from pathlib import Path
 
 import pytest
 
-psutil = pytest.importorskip("psutil")
-if importlib.util.find_spec("vllm") is None:  # (find_spec: importing vLLM costs ~10 s)
-    pytest.skip("vLLM is not installed", allow_module_level=True)
+from tests.runtimes import require_backend  # noqa: E402
+
+pytestmark = require_backend("vllm")
+psutil = pytest.importorskip("psutil")  # comes with vLLM
 
 from pytest_rkv.drivers.base import DriverSettings  # noqa: E402
 from pytest_rkv.drivers.vllm import build  # noqa: E402

@@ -13,8 +13,13 @@ import math
 import time
 from pathlib import Path
 
-import msgspec
 import pytest
+
+from tests.runtimes import require_backend
+
+pytestmark = require_backend("vllm")
+
+import msgspec  # noqa: E402 (the vllm extra)
 
 from pytest_rkv.contract import CompletionRequest, EventType
 from pytest_rkv.drivers.vllm import build, events, geometry, hashing, metrics, model, server

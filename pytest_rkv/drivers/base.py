@@ -10,6 +10,7 @@ Non-2xx answers of the runtime are not exceptions: they come back as a `Reply` w
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from pytest_rkv.contract import (
     PoolState,
     RuntimeInfo,
 )
-from pytest_rkv.errors import Unsupported
+from pytest_rkv.errors import BackendUnavailable, Unsupported
 
 T = TypeVar("T")
 
@@ -85,6 +86,14 @@ class Driver(ABC):
 
     def __init__(self, settings: DriverSettings) -> None:
         self.settings = settings
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise BackendUnavailable (saying what is missing) if this backend cannot run here.
+        The default checks `requires`; a runtime living in its own interpreter checks that."""
+        missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+        if missing:
+            raise BackendUnavailable(f"needs {', '.join(missing)}, not installed here")
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:

@@ -14,21 +14,18 @@ used to say so when the runtime is missing.
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 from dataclasses import dataclass
 from importlib import metadata
 
 from pytest_rkv.drivers.base import Driver
+from pytest_rkv.errors import BackendUnavailable
 
 GROUP = "pytest_rkv.backends"
 
 
 class UnknownBackend(ValueError):
     """No installed distribution registers this backend id."""
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend is registered, but its runtime (or a package it needs) is not installed."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +40,10 @@ class Backend:
 
     @property
     def install_hint(self) -> str:
+        """What to install for the runtime, when the entry point names extras."""
         if not self.extras:
-            return f"reinstall {self.distribution}"
-        return " or ".join(f"pip install '{self.distribution}[{extra}]'" for extra in self.extras)
+            return ""
+        return "; install its runtime: " + " or ".join(f"pip install '{self.distribution}[{e}]'" for e in self.extras)
 
 
 @functools.cache
@@ -87,14 +85,12 @@ def driver_class(name: str) -> type[Driver]:
         cls = getattr(importlib.import_module(module), attr)
     except ModuleNotFoundError as exc:
         raise BackendUnavailable(
-            f"backend {name!r} cannot load: {exc}; install its runtime: {backend.install_hint}"
+            f"backend {name!r} cannot load: {exc}{backend.install_hint}"
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
         raise UnknownBackend(f"backend {name!r} ({backend.target}, from {backend.distribution}) is not a Driver class")
-    missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
-    if missing:
-        raise BackendUnavailable(
-            f"backend {name!r} needs {', '.join(missing)}, not installed here; install its runtime: "
-            f"{backend.install_hint}"
-        )
+    try:
+        cls.check_available()
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(f"backend {name!r} {exc}{backend.install_hint}") from None
     return cls
