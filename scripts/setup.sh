@@ -10,3 +10,5 @@ python -m pip install --no-deps -e examples/rkv-command-backend
 # built for another torch: they make `import vllm` crash. Text models need none of them.
 python -m pip uninstall -y torchvision torchaudio torchcodec
 python -c "import vllm, vllm.config; print('vLLM', vllm.__version__, 'imports cleanly')"
+# Dynamo's own venv for the `dynamo` backend (about 1 min, 620 MB; see scripts/setup_dynamo.sh).
+bash scripts/setup_dynamo.sh
