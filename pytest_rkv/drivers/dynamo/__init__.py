@@ -1,0 +1,1 @@
+"""The `dynamo` backend: a Dynamo deployment (KV-routing frontend, mocker workers) on loopback."""
