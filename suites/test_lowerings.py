@@ -1,16 +1,18 @@
 """Lowering probes: does a runtime's nearby feature deliver an obligation?
 
 These run the canonical probe through a feature someone might propose as a lowering
-(here: request priority as a hard claim). A pass supports the lowering; a failure is the
-evidence the lowering checker turns into *rejected mapping*.
+(request priority as a hard claim; KV-aware routing as placement). A pass supports the
+lowering; a failure is the evidence the lowering checker turns into *rejected mapping*.
 """
 
 import pytest
 
-from pytest_rkv.contract import CompletionRequest
+from pytest_rkv.contract import CompletionRequest, EventType
+from pytest_rkv.errors import NotApplicable
 from pytest_rkv.workload import ACTIVE_BLOCKS, RESIDENT_BLOCKS
 
 FAVOURED, DISFAVOURED = -100, 100  # lower value runs first (vLLM's convention)
+PLACEMENT_TRIALS = 3  # routed reuses of a placed prefix checked before pressure
 
 
 @pytest.mark.rkv_lowering("priority-as-hard-claim", "active-refusal")
@@ -37,3 +39,48 @@ def test_priority_as_hard_claim(rkv):
         + ("admitted" if active.ok else f"refused without attribution ({active.error.type})")
         + f"; {evicted} blocks evicted"
     )
+
+
+@pytest.mark.rkv_lowering("kv-routing-as-placement", "placement")
+@pytest.mark.rkv_litmus("accepted_hard_claims")
+def test_kv_routing_as_placement(rkv):
+    """The proposal: a prefix a KV-aware router has placed on a worker is a placed claim.
+    Requests reusing it must keep landing on that worker and be served from its cache,
+    also after pressure on that worker. Pressure is sent to the prefix's worker with the
+    runtime's own placement hint, so the probe does not depend on where the router puts it."""
+    driver = rkv.driver
+    if not driver.routed:
+        raise NotApplicable("a single-engine backend routes nothing")
+    prefix = rkv.tokens("placed", RESIDENT_BLOCKS)
+    full = RESIDENT_BLOCKS * rkv.block_size
+    mark = rkv.block_mark()
+    first, where = driver.route(CompletionRequest(prompt=prefix, max_tokens=1))
+    first.unwrap()
+    home = where.worker
+    stored = {w: sum(e.blocks for e in driver.worker_block_events(w, after=mark) if e.type == EventType.BLOCKS_STORED)
+              for w in driver.worker_ids}
+    rkv.record("placed_on", home)
+    rkv.record("blocks_stored_per_worker", stored)
+    assert home in driver.worker_ids, f"the answer names worker {home!r}, not one of {driver.worker_ids}"
+    assert stored == {w: RESIDENT_BLOCKS if w == home else 0 for w in driver.worker_ids}, (
+        f"the {RESIDENT_BLOCKS}-block prefix was stored {stored}, not only on the worker that served it ({home})")
+
+    before = []
+    for trial in range(PLACEMENT_TRIALS):
+        again, where = driver.route(CompletionRequest(prompt=prefix + [trial + 1], max_tokens=1))
+        before.append({"worker": where.worker, "cached_tokens": rkv.cached_tokens(again), "kv_hit_rate": where.kv_hit_rate})
+    rkv.record("routed_reuse_before_pressure", before)
+    assert all(b["worker"] == home and b["cached_tokens"] == full for b in before), (
+        f"the router did not send every reuse of the placed prefix to {home} from cache: {before}")
+
+    mark = rkv.block_mark()
+    active, _ = driver.route(CompletionRequest(prompt=rkv.tokens("active", ACTIVE_BLOCKS), max_tokens=1), worker=home)
+    evicted = sum(e.blocks for e in driver.worker_block_events(home, after=mark) if e.type == EventType.BLOCKS_EVICTED)
+    after, where = driver.route(CompletionRequest(prompt=prefix + [PLACEMENT_TRIALS + 1], max_tokens=1))
+    outcome = {"active_admitted": active.ok, "blocks_evicted_on_home": evicted, "worker": where.worker,
+               "cached_tokens": rkv.cached_tokens(after)}
+    rkv.record("routed_reuse_after_pressure", outcome)
+    assert where.worker == home and outcome["cached_tokens"] == full, (
+        f"lowering contradicted: after a {ACTIVE_BLOCKS}-block request on {home}, the placed prefix was served "
+        f"from {where.worker} with {outcome['cached_tokens']} of {full} tokens cached ({evicted} blocks evicted "
+        "on its worker); the router placed requests, nothing held the prefix in place")

@@ -91,6 +91,7 @@ class DynamoDriver(Driver):
         self.generation = 0
         self.startup_seconds: float | None = None
         self.redeploy_seconds: list[float] = []
+        self._used = False  # a completion reached this deployment since it started
         # The merged block-event log: (worker id, event with the driver's seq).
         self._log: list[tuple[str, Event]] = []
         self._consumed: list[int] = []
@@ -138,6 +139,7 @@ class DynamoDriver(Driver):
 
         self.subscribers = self.netns.call(subscribe)
         self._consumed = [0] * len(self.subscribers)
+        self._used = False
 
     def _frontend_ready(self, worker_ids: list[str]) -> bool:
         health = self._get_json("/health", timeout=2)
@@ -205,9 +207,12 @@ class DynamoDriver(Driver):
 
     def reset(self) -> None:
         """A fresh deployment: empty pools and an empty router index, by construction.
-        Events the old workers published are kept (seq keeps increasing)."""
+        Events the old workers published are kept (seq keeps increasing). A deployment
+        no completion has reached since it started is still empty and is kept."""
         self._require_started()
         self._collect()
+        if not self._used:
+            return
         began = time.monotonic()
         self._teardown_deployment()
         self.generation += 1
@@ -217,9 +222,10 @@ class DynamoDriver(Driver):
     def complete(self, req: CompletionRequest) -> Reply[Completion]:
         return self._send(req, home=True)[0]
 
-    def route(self, req: CompletionRequest) -> tuple[Reply[Completion], Routed]:
-        """A completion whose worker Dynamo's KV router chooses, and where it was served."""
-        return self._send(req, home=False)
+    def route(self, req: CompletionRequest, worker: str | None = None) -> tuple[Reply[Completion], Routed]:
+        """A completion whose worker Dynamo's KV router chooses (or `worker`, forced with
+        Dynamo's own hint), and where it was served."""
+        return self._send(req, home=False, worker=worker)
 
     def complete_at_priority(self, req: CompletionRequest, priority: int) -> Reply[Completion]:
         return self._send(req, home=True, priority=priority)[0]
@@ -256,16 +262,18 @@ class DynamoDriver(Driver):
                 seq = (self._log[-1][1].seq if self._log else 0) + 1
                 self._log.append((self.worker_ids[i], event.model_copy(update={"seq": seq})))
 
-    def _send(self, req: CompletionRequest, *, home: bool,
+    def _send(self, req: CompletionRequest, *, home: bool, worker: str | None = None,
               priority: int | None = None) -> tuple[Reply[Completion], Routed]:
         self._require_started()
         if req.claim_id is not None:
             raise Unsupported("stock Dynamo has no claims; a completion cannot name a claim_id")
         nvext: dict = {"extra_fields": EXTRA_FIELDS}
-        if home:
-            nvext["backend_instance_id"] = int(self.home_worker)
+        forced = self.home_worker if home else worker
+        if forced is not None:
+            nvext["backend_instance_id"] = int(forced)
         if priority is not None:
             nvext["agent_hints"] = {"priority": priority}
+        self._used = True
         body = {"model": req.model or model.SERVED_NAME, "prompt": list(req.prompt),
                 "max_tokens": req.max_tokens, "temperature": 0.0, "ignore_eos": True, "nvext": nvext}
         resp = self._request("POST", "/v1/completions", json=body, timeout=REQUEST_TIMEOUT)
@@ -279,9 +287,8 @@ class DynamoDriver(Driver):
         if not resp.ok:
             return Reply(resp.status_code, error=error_from_vllm(resp.status_code, payload, req.request_id)), Routed(None)
         routed = Routed(payload.get("nvext"))
-        if home and routed.worker != self.home_worker:
-            raise ProtocolViolation(f"Dynamo served a request pinned to worker {self.home_worker} "
-                                    f"on worker {routed.worker}")
+        if forced is not None and routed.worker != forced:
+            raise ProtocolViolation(f"Dynamo served a request forced to worker {forced} on worker {routed.worker}")
         return Reply(resp.status_code, value=completion_from_dynamo(payload)), routed
 
     def _request(self, method: str, path: str, *, timeout: float, **kw) -> requests.Response:
