@@ -58,11 +58,11 @@ def test_kv_routing_as_placement(rkv):
     first.unwrap()
     home = where.worker
     stored = {w: sum(e.blocks for e in driver.worker_block_events(w, after=mark) if e.type == EventType.BLOCKS_STORED)
-              for w in driver.worker_ids}
+              for w in driver.workers()}
     rkv.record("placed_on", home)
     rkv.record("blocks_stored_per_worker", stored)
-    assert home in driver.worker_ids, f"the answer names worker {home!r}, not one of {driver.worker_ids}"
-    assert stored == {w: RESIDENT_BLOCKS if w == home else 0 for w in driver.worker_ids}, (
+    assert home in driver.workers(), f"the answer names worker {home!r}, not one of {driver.workers()}"
+    assert stored == {w: RESIDENT_BLOCKS if w == home else 0 for w in driver.workers()}, (
         f"the {RESIDENT_BLOCKS}-block prefix was stored {stored}, not only on the worker that served it ({home})")
 
     before = []

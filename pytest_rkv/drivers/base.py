@@ -68,6 +68,15 @@ class DriverSettings:
     reference_faults: frozenset[str] = frozenset()
 
 
+@dataclass(frozen=True)
+class Routed:
+    """Where a routed runtime served a completion, as its answer says."""
+
+    worker: str | None  # the (prefill) worker
+    decode_worker: str | None = None
+    kv_hit_rate: float | None = None
+
+
 class Driver(ABC):
     """A backend under test.
 
@@ -160,6 +169,20 @@ class Driver(ABC):
         The default takes them from the RKV event stream; runtimes with a native block
         event feed (vLLM's KV events) override this."""
         return [e for e in self.events(after) if e.type.value.startswith("blocks.")]
+
+    # -- routed backends: the runtime's own router and its workers --------------------
+    def workers(self) -> list[str]:
+        """The worker ids of a routed deployment."""
+        raise Unsupported(f"{self.name} names no workers", scope="probe")
+
+    def route(self, req: CompletionRequest, worker: str | None = None) -> tuple[Reply[Completion], Routed]:
+        """A completion placed by the runtime's own router (or forced to `worker` with the
+        runtime's own hint), and where it was served."""
+        raise Unsupported(f"{self.name} offers no routed completion that names its worker", scope="probe")
+
+    def worker_block_events(self, worker: str, after: int = 0) -> list[Event]:
+        """`block_events` of one worker."""
+        raise Unsupported(f"{self.name} publishes no per-worker block events", scope="probe")
 
     # -- time ------------------------------------------------------------------------
     def wait(self, seconds: float) -> None:

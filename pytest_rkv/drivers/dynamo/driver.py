@@ -42,7 +42,7 @@ from pytest_rkv.contract import (
     RuntimeInfo,
     Usage,
 )
-from pytest_rkv.drivers.base import Driver, DriverSettings, Reply
+from pytest_rkv.drivers.base import Driver, DriverSettings, Reply, Routed
 from pytest_rkv.drivers.dynamo import deploy, model
 from pytest_rkv.drivers.netns import LoopbackNamespace
 from pytest_rkv.drivers.vllm import metrics as metrics_mod
@@ -54,24 +54,15 @@ REQUEST_TIMEOUT = 60.0
 EXTRA_FIELDS = ["worker_id", "timing"]
 
 
-class Routed:
-    """Where Dynamo served a completion, from the answer's `nvext`."""
-
-    def __init__(self, nvext: dict | None) -> None:
-        nvext = nvext or {}
-        ids = nvext.get("worker_id") or {}
-        timing = nvext.get("timing") or {}
-        self.prefill_worker = _str_or_none(ids.get("prefill_worker_id"))
-        self.decode_worker = _str_or_none(ids.get("decode_worker_id"))
-        self.kv_hit_rate = timing.get("kv_hit_rate")
-
-    @property
-    def worker(self) -> str | None:
-        return self.prefill_worker
-
-    def as_json(self) -> dict:
-        return {"prefill_worker": self.prefill_worker, "decode_worker": self.decode_worker,
-                "kv_hit_rate": self.kv_hit_rate}
+def routed_from_nvext(nvext: dict | None) -> Routed:
+    """Where Dynamo served a completion: `nvext.worker_id` and `nvext.timing` of its answer
+    (present when the request asked for them in `nvext.extra_fields`)."""
+    nvext = nvext or {}
+    ids = nvext.get("worker_id") or {}
+    timing = nvext.get("timing") or {}
+    return Routed(worker=_str_or_none(ids.get("prefill_worker_id")),
+                  decode_worker=_str_or_none(ids.get("decode_worker_id")),
+                  kv_hit_rate=timing.get("kv_hit_rate"))
 
 
 class DynamoDriver(Driver):
@@ -170,6 +161,10 @@ class DynamoDriver(Driver):
     @property
     def worker_ids(self) -> list[str]:
         return list(self.deployment.worker_ids) if self.deployment else []
+
+    def workers(self) -> list[str]:
+        self._require_started()
+        return self.worker_ids
 
     @property
     def home_worker(self) -> str:
@@ -285,8 +280,8 @@ class DynamoDriver(Driver):
             raise ProtocolViolation(f"Dynamo answered {resp.status_code} to /v1/completions with a "
                                     f"non-JSON body: {resp.text[:300]!r}") from None
         if not resp.ok:
-            return Reply(resp.status_code, error=error_from_vllm(resp.status_code, payload, req.request_id)), Routed(None)
-        routed = Routed(payload.get("nvext"))
+            return Reply(resp.status_code, error=error_from_vllm(resp.status_code, payload, req.request_id)), routed_from_nvext(None)
+        routed = routed_from_nvext(payload.get("nvext"))
         if forced is not None and routed.worker != forced:
             raise ProtocolViolation(f"Dynamo served a request forced to worker {forced} on worker {routed.worker}")
         return Reply(resp.status_code, value=completion_from_dynamo(payload)), routed
