@@ -38,6 +38,7 @@ from pytest_rkv.errors import HarnessError
 T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 TOOLS = ("unshare", "nsenter", "ip")
+MARKER_ENV = "RKV_NETNS_WORKDIR"  # in the holder's environment, so tests can find it
 HOLDER_SECONDS = 7 * 24 * 3600  # the holder outlives any run; ManagedProcess stops it
 
 
@@ -69,7 +70,8 @@ class LoopbackNamespace:
         pid_file.unlink(missing_ok=True)
         script = f"ip link set lo up && echo $$ > {pid_file} && exec sleep {HOLDER_SECONDS}"
         self.holder = ManagedProcess(["unshare", "-n", "--fork", "sh", "-c", script],
-                                     log_path=self.workdir / "netns-holder.log", name="netns holder")
+                                     log_path=self.workdir / "netns-holder.log", name="netns holder",
+                                     env={**os.environ, MARKER_ENV: str(self.workdir)})
 
         def ready() -> bool:
             return pid_file.exists() and pid_file.read_text().strip().isdigit()
