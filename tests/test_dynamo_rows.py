@@ -1,0 +1,111 @@
+"""The `dynamo` row, earned against a live Dynamo deployment in one certified run: the
+placement obligation runs (routed backend), routing evidence is recorded per worker, the
+KV-routing-as-placement lowering is contradicted by the run, and nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pytest_rkv.bundle import bundle_dir, verify
+from pytest_rkv.drivers import netns
+from pytest_rkv.drivers.dynamo import deploy
+from pytest_rkv.label import check_file
+from tests.conftest import SUITES
+
+if deploy.missing_venv():
+    pytest.skip(deploy.missing_venv(), allow_module_level=True)
+if netns.unavailable():
+    pytest.skip(f"no loopback namespace: {netns.unavailable()}", allow_module_level=True)
+
+REPO = SUITES.parent
+
+
+def _processes_of(report) -> list[str]:
+    """Live processes whose environment names this run's report dir (deployment and holder)."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if str(report).encode() in f.read():
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        found.append(c.read().replace(b"\0", b" ").decode(errors="replace")[:160])
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    report = tmp_path_factory.mktemp("dynamo-row")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(SUITES), "--rkv-certify", "--rkv-backend=dynamo",
+         "--rkv-report-dir", str(report), "--rkv-startup-timeout", "600", "-p", "no:cacheprovider", "-q"],
+        capture_output=True, text=True, timeout=1800,
+    )
+    row_path = bundle_dir(report, "dynamo") / "row.json"
+    assert row_path.exists(), proc.stdout[-4000:] + proc.stderr[-2000:]
+    return {"proc": proc, "report": report, "row": json.loads(row_path.read_text()),
+            "leftover": _processes_of(report)}
+
+
+def _lowering(row, probe):
+    (test,) = row["lowerings"][probe]["tests"]
+    return test
+
+
+def test_row_is_routed_stock_dynamo(run):
+    row = run["row"]
+    assert (row["backend"], row["depth"], row["routed"], row["certified"]) == ("dynamo", "none", True, True)
+    assert row["label"] == "approximation substrate"
+    details = row["runtime_details"]
+    assert details["runtime_version"] == "1.6.1" and details["workers"] == 2 and len(set(details["worker_ids"])) == 2
+
+
+def test_placement_ran_and_is_unsupported_not_inapplicable(run):
+    placement = run["row"]["obligations"]["placement"]
+    assert placement["outcome"] == "unsupported", placement
+    assert "no claim API" in placement["tests"][0]["detail"]
+
+
+def test_single_pool_substrates_pass_on_the_home_worker(run):
+    assert {k: v["outcome"] for k, v in run["row"]["substrates"].items()} == {
+        "prefix_reuse": "passed", "eviction_observable": "passed", "block_events": "passed"}
+
+
+def test_routing_is_recorded_per_worker_and_contradicts_placement(run):
+    test = _lowering(run["row"], "kv-routing-as-placement")
+    ev = test["evidence"]
+    home = ev["placed_on"]
+    assert test["outcome"] == "failed" and "lowering contradicted" in test["detail"]
+    assert sorted(ev["blocks_stored_per_worker"].values()) == [0, 60] and ev["blocks_stored_per_worker"][home] == 60
+    assert ev["routed_reuse_before_pressure"] == [
+        {"worker": home, "cached_tokens": 960, "kv_hit_rate": pytest.approx(960 / 976)}] * 3
+    after = ev["routed_reuse_after_pressure"]
+    assert after["active_admitted"] is True and after["blocks_evicted_on_home"] == 50
+    assert after["cached_tokens"] < 960
+
+
+def test_agent_priority_is_no_hard_claim(run):
+    test = _lowering(run["row"], "priority-as-hard-claim")
+    assert test["outcome"] == "failed"
+    assert test["evidence"]["resident_blocks_surviving"] == 10 and test["evidence"]["active_admitted"] is True
+
+
+def test_checker_rejects_routing_as_placement_from_the_run(run):
+    result = check_file(REPO / "backends" / "dynamo" / "dynamo-routing-placement.toml", evidence_dir=run["report"])
+    assert result.evidence == "run"
+    assert result.obligations["placement"].label.value == "rejected mapping", result.obligations["placement"]
+
+
+def test_bundle_verifies(run):
+    failed = [c.line() for c in verify(bundle_dir(run["report"], "dynamo")) if not c.ok]
+    assert not failed
+
+
+def test_nothing_survives_the_run(run):
+    assert run["leftover"] == []
