@@ -23,13 +23,11 @@ from pytest_rkv.drivers.base import DriverSettings
 from pytest_rkv.drivers.dynamo import deploy
 from pytest_rkv.drivers.dynamo.driver import DynamoDriver
 from pytest_rkv.errors import ServerStartError
+from tests.runtimes import require_backend
 
 REPO = Path(__file__).resolve().parents[1]
 
-if deploy.missing_venv():
-    pytest.skip(deploy.missing_venv(), allow_module_level=True)
-if netns.unavailable():
-    pytest.skip(f"no loopback namespace: {netns.unavailable()}", allow_module_level=True)
+pytestmark = require_backend("dynamo")
 
 
 def run_processes(workdir: Path) -> list[str]:

@@ -12,15 +12,11 @@ import sys
 import pytest
 
 from pytest_rkv.bundle import bundle_dir, verify
-from pytest_rkv.drivers import netns
-from pytest_rkv.drivers.dynamo import deploy
 from pytest_rkv.label import check_file
 from tests.conftest import SUITES
+from tests.runtimes import require_backend
 
-if deploy.missing_venv():
-    pytest.skip(deploy.missing_venv(), allow_module_level=True)
-if netns.unavailable():
-    pytest.skip(f"no loopback namespace: {netns.unavailable()}", allow_module_level=True)
+pytestmark = require_backend("dynamo")
 
 REPO = SUITES.parent
 

@@ -44,11 +44,12 @@ from pytest_rkv.contract import (
 )
 from pytest_rkv.drivers.base import Driver, DriverSettings, Reply, Routed
 from pytest_rkv.drivers.dynamo import deploy, model
+from pytest_rkv.drivers import netns
 from pytest_rkv.drivers.netns import LoopbackNamespace
 from pytest_rkv.drivers.vllm import metrics as metrics_mod
 from pytest_rkv.drivers.vllm.driver import error_from_vllm
 from pytest_rkv.drivers.vllm.events import KvEventSubscriber
-from pytest_rkv.errors import HarnessError, ProtocolViolation, ServerStartError, Unsupported
+from pytest_rkv.errors import BackendUnavailable, HarnessError, ProtocolViolation, ServerStartError, Unsupported
 
 REQUEST_TIMEOUT = 60.0
 EXTRA_FIELDS = ["worker_id", "timing"]
@@ -86,6 +87,13 @@ class DynamoDriver(Driver):
         # The merged block-event log: (worker id, event with the driver's seq).
         self._log: list[tuple[str, Event]] = []
         self._consumed: list[int] = []
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Dynamo lives in its own venv and needs a loopback-only network namespace."""
+        why = deploy.missing_venv() or netns.unavailable()
+        if why:
+            raise BackendUnavailable(f"cannot run here: {why}")
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
