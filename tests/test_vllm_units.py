@@ -248,9 +248,9 @@ def test_cpu_server_argv(tmp_path):
     assert flag(p.argv, "--max-model-len") == str(80 * 32)
     assert flag(p.argv, "--scheduling-policy") == "priority"
     assert flag(p.argv, "--dtype") == "float32"
-    for required in ("--enable-prefix-caching", "--enable-prompt-tokens-details", "--enforce-eager",
-                     "--skip-tokenizer-init"):
+    for required in ("--enable-prefix-caching", "--enable-prompt-tokens-details", "--enforce-eager"):
         assert required in p.argv
+    assert "--skip-tokenizer-init" not in p.argv  # the generated model has a tokenizer
     assert flag(p.argv, "--load-format") == "dummy"
     kv = json.loads(flag(p.argv, "--kv-events-config"))
     assert kv["endpoint"] == f"ipc://{tmp_path / 'kv.sock'}"  # PUB binds only for ipc/wildcard

@@ -13,15 +13,16 @@ bodies. Each claim operation is one engine utility call, `EngineCore.rkv_call(op
 payload)`, answered by the scheduler-side claim book (claims.py) in the engine thread; the
 answer is `{"status", "body"}` and goes back to the client as it is.
 
-`POST /v1/completions` replaces vLLM's route of the same path (endpoint-plugin routes win)
-and still serves through vLLM's own `OpenAIServingCompletion`: it only adds the contract's
-fields around it. In: `claim_id` (checked, 404 if unknown) and the request id go to the
-engine in `vllm_xargs`. Out: the scheduler's outcome for the request comes back in the
-response's `kv_transfer_params["rkv"]`; a refusal becomes HTTP 409 `active_refusal`
-(the ErrorResponse the claim book built, naming the blocking claims and the block
-arithmetic), anything else the `rkv` record (`reuse`, `failures`). Streaming requests are
-passed through untouched (no `rkv` record; a refusal ends the stream with
-`finish_reason: "abort"`).
+`POST /v1/completions` and `POST /v1/chat/completions` replace vLLM's routes of the same
+paths (endpoint-plugin routes win) and still serve through vLLM's own
+`OpenAIServingCompletion` / `OpenAIServingChat`: they only add the contract's fields around
+them. In: `claim_id` (checked, 404 if unknown) and the request id go to the engine in
+`vllm_xargs`. Out: the scheduler's outcome for the request comes back in the response's
+`kv_transfer_params["rkv"]`; a refusal becomes HTTP 409 `active_refusal` (the
+ErrorResponse the claim book built, naming the blocking claims and the block arithmetic),
+anything else the `rkv` record (`reuse`, `failures`). Streamed answers carry the record on
+their last event and answer a refusal with 409 too (streaming.py). Claims may be made from
+chat messages, rendered as chat requests render them (chat.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from pytest_rkv.adapters.vllm import ENGINE_METHOD, PLUGIN_NAME
+from pytest_rkv.adapters.vllm import ENGINE_METHOD, PLUGIN_NAME, chat, streaming
 from pytest_rkv.adapters.vllm.config import AdapterConfig
 from pytest_rkv.contract import ClaimRequest, FaultRequest
 
@@ -101,7 +102,7 @@ def build_router() -> APIRouter:
 
     @router.post("/v1/kv/claims")
     async def kv_create_claim(raw: Request):
-        req = await _parse(raw, ClaimRequest)
+        req = await _parse_claim(raw)
         if isinstance(req, dict):
             return _respond(req)
         bridge = _bridge(raw)
@@ -146,24 +147,61 @@ def build_router() -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(raw: Request):
-        return await _completion(raw)
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        handler = getattr(raw.app.state, "openai_serving_completion", None)
+        if handler is None:
+            return _respond(_error(501, "unsupported", "this model does not serve completions"))
+        return await _generate(raw, CompletionRequest, handler, "create_completion")
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(raw: Request):
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        handler = getattr(raw.app.state, "openai_serving_chat", None)
+        unavailable = chat.chat_unavailable(handler)
+        if unavailable is not None:
+            return _respond(unavailable)
+        return await _generate(raw, ChatCompletionRequest, handler, "create_chat_completion")
 
     return router
 
 
-async def _completion(raw: Request):
-    from vllm.entrypoints.openai.completion.protocol import (
-        CompletionRequest,
-        CompletionResponse,
-    )
-    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
+async def _json_object(raw: Request, empty: dict | None = None) -> dict:
+    """The request body as a JSON object (`empty` if there is none), or an error reply."""
+    if empty is not None and not await raw.body():
+        return {"status": 200, "body": dict(empty)}
     try:
         body = await raw.json()
     except ValueError:
-        return _respond(_error(422, "invalid_request", "the body is not JSON"))
+        return _error(422, "invalid_request", "the body is not JSON")
     if not isinstance(body, dict):
-        return _respond(_error(422, "invalid_request", "the body must be a JSON object"))
+        return _error(422, "invalid_request", "the body must be a JSON object")
+    return {"status": 200, "body": body}
+
+
+async def _parse_claim(raw: Request) -> ClaimRequest | dict:
+    """A claim request from token ids, or from chat messages rendered by the model's chat
+    template (chat.py); an error reply otherwise."""
+    got = await _json_object(raw, empty={})
+    if got["status"] != 200:
+        return got
+    body, error = await chat.claim_body(getattr(raw.app.state, "openai_serving_chat", None), got["body"])
+    if error is not None:
+        return error
+    try:
+        return ClaimRequest.model_validate(body)
+    except ValidationError as exc:
+        return _validation_error(ClaimRequest.__name__, exc)
+
+
+async def _generate(raw: Request, request_model: type, handler: Any, method: str):
+    """A completion or chat completion through vLLM's serving object, with the contract's
+    fields around it (see the module docstring)."""
+    got = await _json_object(raw)
+    if got["status"] != 200:
+        return _respond(got)
+    body = got["body"]
     bridge = _bridge(raw)
     claim_id = body.pop("claim_id", None)
     request_id = str(body.get("request_id") or f"rkv-{uuid.uuid4().hex[:16]}")
@@ -178,37 +216,58 @@ async def _completion(raw: Request):
         xargs["rkv_claim_id"] = str(claim_id)
     body["vllm_xargs"] = xargs
     try:
-        vreq = CompletionRequest.model_validate(body)
+        vreq = request_model.model_validate(body)
     except ValidationError as exc:
-        return _respond(_validation_error("CompletionRequest", exc))
-    handler = getattr(raw.app.state, "openai_serving_completion", None)
-    if handler is None:
-        return _respond(_error(501, "unsupported", "this model does not serve completions"))
+        return _respond(_validation_error(request_model.__name__, exc))
 
-    result = await handler.create_completion(vreq, raw)
-    if isinstance(result, ErrorResponse):
-        err = result.error
-        kind = ("capacity" if err.code == 400 and "maximum context length" in err.message.lower()
-                else "invalid_request")
-        return JSONResponse({"error": {"type": kind, "message": err.message, "reason": err.type,
-                                       "request_id": request_id}}, status_code=err.code)
-    if not isinstance(result, CompletionResponse):  # a stream: vLLM's, untouched
-        return StreamingResponse(content=result, media_type="text/event-stream")
-    data = result.model_dump()
+    streamed = bool(getattr(vreq, "stream", False))
+    if streamed:
+        handler, tap = streaming.tapped(handler)
+    result = await getattr(handler, method)(vreq, raw)
+    if _is_error(result):
+        return _vllm_error(result, request_id)
+    if streamed and not isinstance(result, BaseModel):
+        return await _stream(result, tap, request_id)
+    return _answer(result.model_dump(), request_id)
+
+
+def _is_error(result: Any) -> bool:
+    from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+    return isinstance(result, ErrorResponse)
+
+
+def _vllm_error(result: Any, request_id: str) -> JSONResponse:
+    err = result.error
+    kind = ("capacity" if err.code == 400 and "maximum context length" in err.message.lower()
+            else "invalid_request")
+    return JSONResponse({"error": {"type": kind, "message": err.message, "reason": err.type,
+                                   "request_id": request_id}}, status_code=err.code)
+
+
+def _answer(data: dict, request_id: str) -> JSONResponse:
+    """vLLM's whole answer plus the `rkv` record, or 409 for a refused request."""
     params = data.get("kv_transfer_params")
     outcome = params.pop("rkv", None) if isinstance(params, dict) else None
     if outcome and outcome.get("refused"):
         return JSONResponse({"error": outcome["refused"]}, status_code=409)
     data["kv_transfer_params"] = params or None
-    data["rkv"] = {
-        "request_id": request_id,
-        "reuse": (outcome or {}).get("reuse", []),
-        "failures": (outcome or {}).get("failures", []),
-    }
+    data["rkv"] = streaming.record(outcome, request_id)
     for choice in data.get("choices") or []:
-        if choice.get("text") is None:
+        if "text" in choice and choice["text"] is None:  # completions without a tokenizer
             choice["text"] = ""
     return JSONResponse(data)
+
+
+async def _stream(events: Any, tap: streaming.OutcomeTap, request_id: str):
+    """A refusal before the first token is a 409; anything else is vLLM's stream with
+    the `rkv` record on its last data event (streaming.py)."""
+    first = await streaming.first_event(events)
+    if tap.refused:
+        await events.aclose()
+        return JSONResponse({"error": tap.refused}, status_code=409)
+    return StreamingResponse(content=streaming.events_with_record(first, events, tap, request_id),
+                             media_type="text/event-stream")
 
 
 class RkvEndpointPlugin:

@@ -133,7 +133,7 @@ def plan_server(
         "--kv-events-config", json.dumps(kv_events, separators=(",", ":")),
     ]
     if model.generated:
-        argv += ["--load-format", "dummy", "--skip-tokenizer-init"]
+        argv += ["--load-format", "dummy"]  # its tokenizer is generated beside it (model.py)
     if build.on_cpu:
         argv += ["--dtype", "float32"]
     argv += list(extra_args)
