@@ -77,6 +77,20 @@ ALLOWED_TRANSITIONS: frozenset[tuple[ClaimState | None, ClaimState]] = frozenset
 )
 
 
+def servable_blocks(prompt_tokens: int, block_size: int) -> int:
+    """The last-block rule: how many leading blocks of a prompt of `prompt_tokens` tokens a
+    runtime can serve from cache.
+
+    The prompt's last token must be computed (it yields the logits of the first output
+    token), and cache is served in whole blocks, so the block holding the last token is
+    never served, even when it is full: (n - 1) // B blocks. A prompt that ends exactly on
+    a block boundary thus recomputes its whole last block (vLLM; SGLang recomputes its last
+    page, its block). A claim of k blocks referenced by such a prompt is reused for
+    min(k, servable_blocks(n, B)) blocks, and the rest of what the prompt shares with it is
+    the reuse record's `recomputed_tokens`."""
+    return max(0, prompt_tokens - 1) // block_size
+
+
 def transition_allowed(from_state: ClaimState | None, to_state: ClaimState) -> bool:
     return (from_state, to_state) in ALLOWED_TRANSITIONS
 
@@ -219,9 +233,14 @@ class CompletionRequest(_Request):
 
 class ClaimReuse(_Model):
     claim_id: str
-    tokens: int
+    tokens: int  # the claim's tokens this request was served from cache
     restored: bool
     worker: str | None = None  # routed runtimes: where the reuse was served
+    # The claim's tokens the prompt contained but the runtime computed again under the
+    # last-block rule (`servable_blocks`): a block, when the prompt ends inside or at the
+    # end of the claimed prefix, else 0. Said outright so that "288 of a 320-token claim"
+    # never reads as a lost block.
+    recomputed_tokens: int = 0
 
 
 class ClaimFailure(_Model):

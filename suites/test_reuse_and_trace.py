@@ -2,7 +2,7 @@
 
 import pytest
 
-from pytest_rkv.contract import EventType
+from pytest_rkv.contract import EventType, servable_blocks
 from pytest_rkv.errors import NotApplicable
 from pytest_rkv.trace import reconstruct
 
@@ -13,6 +13,7 @@ def test_reuse_names_the_claim_and_its_tokens(rkv):
     claim = rkv.accepted("attributed", 30)
     mark = rkv.mark()
     rid, again = rkv.reuse_query("attributed", 30)
+    full_rid, full = rkv.run("attributed", 30, label="attributed-full")  # ends on the claim's last block
     _, unrelated = rkv.run("unrelated", 10, extra_tokens=1)
     events = rkv.events_since(mark)
     done = again.unwrap()
@@ -20,7 +21,20 @@ def test_reuse_names_the_claim_and_its_tokens(rkv):
     rkv.record("reuse", reuse)
     rkv.record("cached_tokens", done.usage.prompt_tokens_details.cached_tokens)
     assert reuse == [(claim.claim_id, 30 * rkv.block_size)], f"reuse records: {reuse}"
-    assert [(e.claim_id, e.request_id) for e in events if e.type == EventType.CLAIM_REUSED] == [(claim.claim_id, rid)]
+    assert [r.recomputed_tokens for r in done.rkv.reuse] == [0]
+
+    # The last-block rule (contract.servable_blocks): a prompt of exactly the claimed 30
+    # blocks is served 29 of them; the record says the 30th was recomputed, not lost.
+    served = servable_blocks(30 * rkv.block_size, rkv.block_size)
+    whole = full.unwrap()
+    full_reuse = [(r.claim_id, r.tokens, r.recomputed_tokens) for r in (whole.rkv.reuse if whole.rkv else [])]
+    rkv.record("full_prompt_reuse", full_reuse)
+    assert full_reuse == [(claim.claim_id, served * rkv.block_size, (30 - served) * rkv.block_size)], (
+        f"a full-prompt hit on a 30-block claim must read {served} blocks reused and 1 recomputed: {full_reuse}"
+    )
+    assert whole.usage.prompt_tokens_details.cached_tokens == served * rkv.block_size
+    assert [(e.claim_id, e.request_id, e.blocks) for e in events if e.type == EventType.CLAIM_REUSED] == [
+        (claim.claim_id, rid, 30), (claim.claim_id, full_rid, served)]
     other = unrelated.unwrap().rkv
     assert other is not None and other.reuse == [], "a request that shares nothing was attributed reuse"
 

@@ -71,8 +71,9 @@ def events(client) -> list[dict]:
     return client.get("/kv/events", cast_to=object)["events"]
 
 
-def record(rid: str, claim_id: str | None = None, tokens: int = 0) -> dict:
-    reuse = [{"claim_id": claim_id, "tokens": tokens, "restored": False}] if claim_id else []
+def record(rid: str, claim_id: str | None = None, tokens: int = 0, recomputed: int = 0) -> dict:
+    reuse = [{"claim_id": claim_id, "tokens": tokens, "restored": False,
+              "recomputed_tokens": recomputed}] if claim_id else []
     return {"request_id": rid, "reuse": reuse, "failures": []}
 
 
@@ -108,6 +109,12 @@ def test_text_completion_references_a_claim(client, model):
     assert [getattr(c, "rkv", None) for c in streamed] == [None] * (len(streamed) - 1) + [
         record("text-2", made["claim_id"], 10 * B)], "the record belongs on the last chunk only"
 
+    # The last-block rule: a prompt of exactly the claimed 10 blocks is served 9 of them.
+    whole = client.completions.create(model=model, prompt=tokens, max_tokens=1,
+                                      extra_body={"claim_id": made["claim_id"], "request_id": "text-3"})
+    assert whole.usage.prompt_tokens_details.cached_tokens == 9 * B
+    assert whole.rkv == record("text-3", made["claim_id"], 9 * B, recomputed=B)
+
     assert trace_of(client) == [
         ("claim.accepted", made["claim_id"], "claimreq-1"),
         ("claim.materialized", made["claim_id"], "claimreq-1"),
@@ -115,6 +122,8 @@ def test_text_completion_references_a_claim(client, model):
         ("request.completed", None, "text-1"),
         ("claim.reused", made["claim_id"], "text-2"),
         ("request.completed", None, "text-2"),
+        ("claim.reused", made["claim_id"], "text-3"),
+        ("request.completed", None, "text-3"),
     ]
 
 

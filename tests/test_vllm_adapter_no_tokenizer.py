@@ -53,5 +53,6 @@ def test_token_ids_still_work_without_a_tokenizer(client):
                                                  "return_token_ids": True})
     assert done.usage.prompt_tokens_details.cached_tokens == 4 * B
     assert done.rkv == {"request_id": "ids-1", "failures": [],
-                        "reuse": [{"claim_id": made["claim_id"], "tokens": 4 * B, "restored": False}]}
+                        "reuse": [{"claim_id": made["claim_id"], "tokens": 4 * B, "restored": False,
+                                  "recomputed_tokens": 0}]}
     assert done.choices[0].text == "" and len(done.choices[0].token_ids) == 2

@@ -63,6 +63,7 @@ FAULT_MODES: dict[str, str] = {
     "no_expiry": "expiry: TTLs are ignored",
     "release_leak": "release: released claims keep their blocks pinned",
     "global_reuse_counter": "reuse-attribution: reuse shows only in cached_tokens",
+    "reuse_past_last_block": "reuse-attribution: a full-prompt hit counts the recomputed last block as reused",
     "no_request_events": "trace-reconstruction: request outcomes are not logged",
 }
 
@@ -525,14 +526,19 @@ class MicroRuntime:
         for claim in self._live():
             if claim.state != ClaimState.RESIDENT:
                 continue
-            shared = 0
-            for a, b in zip(claim.hashes, hashes[:served]):
+            in_prompt = 0  # blocks of the claim the whole prompt contains
+            for a, b in zip(claim.hashes, hashes):
                 if a != b:
                     break
-                shared += 1
+                in_prompt += 1
+            shared = min(in_prompt, served)
+            recomputed = in_prompt - shared  # the last-block rule: `reusable` stopped it
+            if "reuse_past_last_block" in self.faults:
+                shared, recomputed = in_prompt, 0
             if shared:
                 reuse.append(ClaimReuse(claim_id=claim.claim_id, tokens=shared * self.block_size,
-                                        restored=claim.claim_id in restored))
+                                        restored=claim.claim_id in restored,
+                                        recomputed_tokens=recomputed * self.block_size))
                 self._transition(claim, EventType.CLAIM_REUSED, request_id=request_id, blocks=shared)
         if "global_reuse_counter" in self.faults:
             reuse = []

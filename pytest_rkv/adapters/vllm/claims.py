@@ -561,8 +561,23 @@ class ClaimCore:
                 continue
             if record is not None:
                 record.reuse.append({"claim_id": claim_id, "tokens": shared * self.block_size,
-                                     "restored": False})
+                                     "restored": False,
+                                     "recomputed_tokens": self._recomputed(request, claim, shared)})
             self._transition(claim, EventType.CLAIM_REUSED, request_id=rid, blocks=shared)
+
+    def _recomputed(self, request: Any, claim: Claim, shared: int) -> int:
+        """Tokens of the claim the prompt contains past the hit: vLLM never serves a
+        prompt's last token from cache, so a prompt ending at or inside the claimed prefix
+        recomputes the block holding it (the last-block rule, contract.servable_blocks).
+        A resident claim's blocks are all cached, so this is the only way the hit stops
+        short of what the prompt shares with it: at most one block."""
+        from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+        full = request.block_hashes  # every full block of the prompt
+        if shared < claim.num_blocks and shared < len(full) and \
+                make_block_hash_with_group_id(full[shared], _GROUP) == claim.hashes[shared]:
+            return self.block_size
+        return 0
 
     def _deliver_refusals(self, outputs: dict) -> None:
         from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
