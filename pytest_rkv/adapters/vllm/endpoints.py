@@ -220,13 +220,13 @@ async def _generate(raw: Request, request_model: type, handler: Any, method: str
     except ValidationError as exc:
         return _respond(_validation_error(request_model.__name__, exc))
 
-    streamed = bool(getattr(vreq, "stream", False))
-    if streamed:
+    tap = None
+    if getattr(vreq, "stream", False):
         handler, tap = streaming.tapped(handler)
     result = await getattr(handler, method)(vreq, raw)
     if _is_error(result):
         return _vllm_error(result, request_id)
-    if streamed and not isinstance(result, BaseModel):
+    if tap is not None and not isinstance(result, BaseModel):
         return await _stream(result, tap, request_id)
     return _answer(result.model_dump(), request_id)
 
