@@ -89,12 +89,17 @@ def test_canonical_probe_refuses_and_keeps_the_claim(engine):
 
     again = engine.run("again", tokens("resident", 60, extra=1))
     assert cached_tokens(again) == 60 * BS, "every claimed block must still hit"
-    assert again.kv_transfer_params["rkv"]["reuse"] == [{"claim_id": cid, "tokens": 60 * BS, "restored": False}]
+    assert again.kv_transfer_params["rkv"]["reuse"] == [{"claim_id": cid, "tokens": 60 * BS, "restored": False,
+                                                          "recomputed_tokens": 0}]
     assert types(engine.events()) == [
         "claim.accepted", "claim.materialized", "request.refused", "claim.reused", "request.completed",
     ]
     seqs = [e["seq"] for e in engine.events()]
     assert seqs == sorted(set(seqs))
+    whole = engine.run("whole", tokens("resident", 60))  # the last-block rule: 59 served, 1 recomputed
+    assert cached_tokens(whole) == 59 * BS
+    assert whole.kv_transfer_params["rkv"]["reuse"] == [{"claim_id": cid, "tokens": 59 * BS, "restored": False,
+                                                          "recomputed_tokens": BS}]
 
 
 def test_without_a_claim_vllm_evicts_the_resident_and_the_adapter_says_who(engine):
