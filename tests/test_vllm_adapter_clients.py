@@ -16,8 +16,10 @@ from pytest_rkv.drivers.base import DriverSettings
 from pytest_rkv.trace import order_problems
 from pytest_rkv.workload import prompt_tokens
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("vllm", reason="vLLM is not installed")
+from tests.runtimes import require_backend
+
+pytestmark = require_backend("vllm+rkv")
+openai = pytest.importorskip("openai")  # a dependency of vLLM's OpenAI server
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "vllm-adapter.md"
 B = 32  # the CPU build's block size (drivers/vllm/build.py)

@@ -12,8 +12,10 @@ from pytest_rkv.adapters.vllm.chat import NO_TOKENIZER
 from pytest_rkv.drivers.base import DriverSettings
 from pytest_rkv.workload import prompt_tokens
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("vllm", reason="vLLM is not installed")
+from tests.runtimes import require_backend
+
+pytestmark = require_backend("vllm+rkv")
+openai = pytest.importorskip("openai")  # a dependency of vLLM's OpenAI server
 
 B = 32
 

@@ -108,6 +108,7 @@ def test_events_that_are_not_json_objects_are_left_alone(event):
 
 
 def test_a_refusal_before_the_first_token_is_a_409_and_the_stream_is_closed():
+    pytest.importorskip("fastapi")  # vLLM's API server framework
     from pytest_rkv.adapters.vllm.endpoints import _stream
 
     refusal = {"type": "active_refusal", "blocking_claims": ["claim-2"], "request_id": "r1"}
