@@ -341,6 +341,7 @@ class Probe:
 LOWERING_PROBES: dict[str, Probe] = {
     "priority-as-hard-claim": Probe("active-refusal", "request-priority"),
     "kv-routing-as-placement": Probe("placement", "kv-aware-routing"),
+    "streaming-session-as-hard-claim": Probe("active-refusal", "session-lock"),
 }
 
 

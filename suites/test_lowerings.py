@@ -1,14 +1,15 @@
 """Lowering probes: does a runtime's nearby feature deliver an obligation?
 
 These run the canonical probe through a feature someone might propose as a lowering
-(request priority as a hard claim; KV-aware routing as placement). A pass supports the
-lowering; a failure is the evidence the lowering checker turns into *rejected mapping*.
+(request priority as a hard claim; KV-aware routing as placement; a streaming session as a
+hard claim). A pass supports the lowering; a failure is the evidence the lowering
+checker turns into *rejected mapping*.
 """
 
 import pytest
 
 from pytest_rkv.contract import CompletionRequest, EventType
-from pytest_rkv.errors import NotApplicable
+from pytest_rkv.errors import NoAnswer, NotApplicable
 from pytest_rkv.workload import ACTIVE_BLOCKS, RESIDENT_BLOCKS
 
 FAVOURED, DISFAVOURED = -100, 100  # lower value runs first (vLLM's convention)
@@ -84,3 +85,41 @@ def test_kv_routing_as_placement(rkv):
         f"lowering contradicted: after a {ACTIVE_BLOCKS}-block request on {home}, the placed prefix was served "
         f"from {where.worker} with {outcome['cached_tokens']} of {full} tokens cached ({evicted} blocks evicted "
         "on its worker); the router placed requests, nothing held the prefix in place")
+
+
+@pytest.mark.rkv_lowering("streaming-session-as-hard-claim", "active-refusal")
+@pytest.mark.rkv_litmus("active_refusal")
+def test_streaming_session_as_hard_claim(rkv):
+    """The resident is a turn in a session that holds its KV (SGLang's streaming sessions);
+    the 70-block request must then be refused in the session's name, within the bounded
+    wait. Also recorded: whether block events show the session's blocks at all."""
+    mark = rkv.block_mark()
+    resident = rkv.driver.complete_in_held_session(
+        CompletionRequest(prompt=rkv.tokens("resident", RESIDENT_BLOCKS), max_tokens=1))
+    assert resident.ok, f"the session's resident turn failed: {resident.error}"
+    stored = sum(len(e.block_hashes) for e in rkv.driver.block_events(after=mark)
+                 if e.type == EventType.BLOCKS_STORED)
+    mark = rkv.block_mark()
+    waited = None
+    try:
+        active = rkv.driver.complete(CompletionRequest(
+            prompt=rkv.tokens("active", ACTIVE_BLOCKS), max_tokens=1, request_id=rkv.request_id("active")))
+    except NoAnswer as exc:
+        active, waited = None, exc.waited_s
+    evicted = rkv.evicted_since(mark)
+    rkv.driver.close_held_sessions()
+    rkv.record("session_blocks_stored_in_events", stored)
+    rkv.record("active_waited_s", waited)
+    rkv.record("active_admitted", active is not None and active.ok)
+    rkv.record("active_error", active.error.model_dump(mode="json") if active is not None and active.error else None)
+    rkv.record("blocks_evicted_by_active", evicted)
+    if active is None:
+        outcome = f"waited {waited:g} s with no answer: no refusal, no attribution"
+    elif active.ok:
+        outcome = "admitted"
+    else:
+        outcome = f"refused ({active.error.type})" + ("" if active.error.blocking_claims else " without attribution")
+    assert active is not None and not active.ok and active.error.blocking_claims, (
+        f"lowering contradicted: the {ACTIVE_BLOCKS}-block request was {outcome}; {evicted} blocks "
+        f"evicted; block events showed {stored} of the session's {RESIDENT_BLOCKS} blocks stored"
+    )

@@ -158,6 +158,15 @@ class Driver(ABC):
         "request priority as hard claim" lowering probe."""
         raise Unsupported(f"{self.name} has no request priority")
 
+    def complete_in_held_session(self, req: CompletionRequest) -> Reply[Completion]:
+        """A completion in a runtime session that keeps its KV held after the answer (until
+        `close_held_sessions`, `reset`, or the runtime's own idle timeout), for the
+        "streaming session as hard claim" lowering probe."""
+        raise Unsupported(f"{self.name} has no sessions that hold KV")
+
+    def close_held_sessions(self) -> None:
+        """Release every session `complete_in_held_session` opened."""
+
     def metrics(self) -> dict[str, float]:
         """Scraped runtime counters (name{labels} -> value), recorded as evidence only."""
         return {}

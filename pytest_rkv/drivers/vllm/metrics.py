@@ -18,8 +18,9 @@ import math
 import re
 from dataclasses import dataclass, field
 
-# Labels that identify *which* engine/model spoke, not *what* was measured.
-IDENTITY_LABELS = frozenset({"engine", "model_name"})
+# Labels that identify *which* engine/model/process spoke, not *what* was measured
+# (`pid`: SGLang labels its series with the scheduler's process id).
+IDENTITY_LABELS = frozenset({"engine", "model_name", "pid"})
 
 # Series the suites and the driver read by name (documented here so a rename in a
 # future vLLM shows up in one place).
@@ -107,11 +108,12 @@ def sample_key(name: str, labels: dict[str, str]) -> str:
     return f"{name}{{{inner}}}"
 
 
-def metrics_dict(text: str) -> dict[str, float]:
-    """The flat evidence view described in the module docstring."""
+def metrics_dict(text: str, prefix: str = "vllm:") -> dict[str, float]:
+    """The flat evidence view described in the module docstring (`prefix`: the runtime's
+    series, e.g. "sglang:" for SGLang's page, which has the same text format)."""
     out: dict[str, float] = {}
     for sample in parse_samples(text):
-        if not sample.name.startswith("vllm:"):
+        if not sample.name.startswith(prefix):
             continue
         if sample.name.endswith(("_created", "_bucket")) or sample.name == CACHE_CONFIG_INFO:
             continue
