@@ -1,7 +1,8 @@
-"""Cost of the stock-vLLM row: wall time of `pytest suites --rkv-backend=vllm` (one server
-start included) and the memory of the vLLM server while it runs.
+"""Cost of a live runtime's row: wall time of `pytest suites --rkv-backend=vllm` (one server
+start included) and the memory of the server while it runs; `--backend vllm,sglang` measures
+several rows side by side (alternating, one server at a time).
 
-    python bench/bench_vllm.py [--runs N] [--pss] [--json out.json]
+    python bench/bench_vllm.py [--backend vllm[,sglang]] [--runs N] [--pss] [--json out.json]
 
 Memory is sampled every `--interval` seconds over every descendant of the pytest child
 process (the vLLM API server, its engine core and worker, their resource tracker; the
@@ -73,9 +74,9 @@ class MemorySampler(threading.Thread):
         self.join(timeout=10)
 
 
-def run_once(interval: float, pss: bool, extra: list[str]) -> dict:
-    report_dir = Path(tempfile.mkdtemp(prefix="rkv-bench-vllm-"))
-    argv = [sys.executable, "-m", "pytest", "suites", "--rkv-backend=vllm", "-q",
+def run_once(backend: str, interval: float, pss: bool, extra: list[str]) -> dict:
+    report_dir = Path(tempfile.mkdtemp(prefix=f"rkv-bench-{backend}-"))
+    argv = [sys.executable, "-m", "pytest", "suites", f"--rkv-backend={backend}", "-q",
             "-p", "no:cacheprovider", "--rkv-report-dir", str(report_dir), *extra]
     began = time.monotonic()
     child = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -85,10 +86,11 @@ def run_once(interval: float, pss: bool, extra: list[str]) -> dict:
     wall = time.monotonic() - began
     sampler.stop()
 
-    row_path = report_dir / "vllm" / "row.json"
+    row_path = report_dir / backend / "row.json"
     row = json.loads(row_path.read_text()) if row_path.exists() else {}
     last_line = out.strip().splitlines()[-1] if out.strip() else ""
     result = {
+        "backend": backend,
         "command": " ".join(argv[1:]),
         "exit_code": child.returncode,
         "wall_seconds": round(wall, 1),
@@ -111,6 +113,7 @@ def run_once(interval: float, pss: bool, extra: list[str]) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="vllm", help="backend(s), comma-separated, measured alternately")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.25, help="memory sampling period (s)")
     parser.add_argument("--pss", action="store_true", help="also sample PSS (reads smaps; slower)")
@@ -118,8 +121,9 @@ def main() -> int:
     parser.add_argument("pytest_args", nargs="*", help="extra arguments for the suite run (after --)")
     args = parser.parse_args()
 
-    runs = [run_once(args.interval, args.pss, args.pytest_args) for _ in range(args.runs)]
-    text = json.dumps(runs if args.runs > 1 else runs[0], indent=2)
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    runs = [run_once(b, args.interval, args.pss, args.pytest_args) for _ in range(args.runs) for b in backends]
+    text = json.dumps(runs if len(runs) > 1 else runs[0], indent=2)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")

@@ -12,3 +12,5 @@ python -m pip uninstall -y torchvision torchaudio torchcodec
 python -c "import vllm, vllm.config; print('vLLM', vllm.__version__, 'imports cleanly')"
 # Dynamo's own venv for the `dynamo` backend (about 1 min, 620 MB; see scripts/setup_dynamo.sh).
 bash scripts/setup_dynamo.sh
+# SGLang in a venv of its own (its pins clash with vLLM's); the sglang backend runs it.
+bash scripts/setup_sglang.sh

@@ -114,7 +114,7 @@ def test_streaming_session_as_hard_claim(rkv):
     rkv.record("active_error", active.error.model_dump(mode="json") if active is not None and active.error else None)
     rkv.record("blocks_evicted_by_active", evicted)
     if active is None:
-        outcome = f"waited {waited:g} s with no answer: no refusal, no attribution"
+        outcome = f"left waiting {waited:g} s with no answer: no refusal, no attribution"
     elif active.ok:
         outcome = "admitted"
     else:
