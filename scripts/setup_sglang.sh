@@ -3,7 +3,7 @@
 # Default location: .venvs/sglang (git-ignored); override with RKV_SGLANG_VENV. The driver
 # finds it there, or through RKV_SGLANG_PYTHON (see pytest_rkv/drivers/sglang/environment.py).
 # On a GPU runner install upstream `sglang` in an environment of its own instead and point
-# RKV_SGLANG_PYTHON at its python (docs/vendor-guide.md).
+# RKV_SGLANG_PYTHON at its python (docs/CONFORMANCE.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${RKV_SGLANG_VENV:-.venvs/sglang}"

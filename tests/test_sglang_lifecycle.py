@@ -1,6 +1,6 @@
 """No SGLang process outlives a failed start or a Ctrl-C. Uses the REAL SGLang server.
 
-Skipped when SGLang's venv is absent (`bash scripts/setup_sglang.sh` makes it). Each test
+Skipped (tests/runtimes.py) when SGLang's venv is absent (`bash scripts/setup_sglang.sh` makes it). Each test
 costs one (partial) server start. "The processes of this run" are the ones whose command
 line or environment names this test's workdir (`RKV_SGLANG_WORKDIR`), plus every process
 in their sessions (SGLang's scheduler and detokenizer retitle themselves), so another
@@ -20,15 +20,12 @@ from pathlib import Path
 import pytest
 
 from pytest_rkv.drivers.base import DriverSettings
-from pytest_rkv.drivers.sglang import environment as env_mod
 from pytest_rkv.drivers.sglang.driver import SglangDriver
 from pytest_rkv.drivers.sglang.server import MARKER_ENV
 from pytest_rkv.errors import GeometryMismatch
+from tests.runtimes import require_backend
 
-try:
-    env_mod.find_python()
-except env_mod.SglangMissing as exc:
-    pytest.skip(f"SGLang is not installed: {exc}", allow_module_level=True)
+pytestmark = require_backend("sglang")
 
 REPO = Path(__file__).resolve().parents[1]
 

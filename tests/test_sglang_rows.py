@@ -1,6 +1,6 @@
 """The `sglang` row, earned against a live SGLang server in one certified session.
 
-Skipped when SGLang's venv is absent (`bash scripts/setup_sglang.sh` makes it). One run,
+Skipped (tests/runtimes.py) when SGLang's venv is absent (`bash scripts/setup_sglang.sh` makes it). One run,
 then the checks the issue's acceptance names: the label, the canonical probe's evidence
 (the resident silently evicted), the streaming-session probe with its bounded wait, the
 declared stand-ins, the run-backed descriptor, the bundle verifying, no process left.
@@ -12,15 +12,13 @@ import sys
 
 import pytest
 
-from pytest_rkv.bundle import bundle_dir, verify
-from pytest_rkv.drivers.sglang import environment as env_mod
-from tests.conftest import SUITES
-from tests.test_sglang_lifecycle import run_processes
+from tests.runtimes import require_backend
 
-try:
-    env_mod.find_python()
-except env_mod.SglangMissing as exc:
-    pytest.skip(f"SGLang is not installed: {exc}", allow_module_level=True)
+pytestmark = require_backend("sglang")
+
+from pytest_rkv.bundle import bundle_dir, verify  # noqa: E402
+from tests.conftest import SUITES  # noqa: E402
+from tests.test_sglang_lifecycle import run_processes  # noqa: E402
 
 REPO = SUITES.parent
 PAGE = 16
@@ -83,7 +81,8 @@ def test_priority_with_priority_eviction_is_no_hard_claim(session):
 
 def test_row_declares_its_stand_ins_and_no_kernel_was_called(session):
     details = session["row"]["runtime_details"]
-    assert [s["replaces"] for s in details["stand_ins"]][0] == "sgl_kernel"
+    assert details["stand_ins"][0].startswith("sgl_kernel: pytest-rkv's import-only stand-in")
+    assert details["distribution"]["name"] == "sglang" and details["distribution"]["files_sha256"]
     assert details["sgl_kernel_calls"] == []
     assert details["geometry"] == {"max_total_num_tokens": 80 * PAGE, "page_size": PAGE}
 

@@ -56,7 +56,16 @@ from pytest_rkv.drivers.vllm import metrics as metrics_mod
 from pytest_rkv.drivers.vllm.events import KvEventSubscriber
 from pytest_rkv.drivers.vllm.model import ModelChoice
 from pytest_rkv.drivers.vllm.server import free_port
-from pytest_rkv.errors import GeometryMismatch, HarnessError, NoAnswer, ProtocolViolation, ServerStartError, Unsupported
+from pytest_rkv.errors import (
+    BackendUnavailable,
+    GeometryMismatch,
+    HarnessError,
+    NoAnswer,
+    ProtocolViolation,
+    ServerStartError,
+    Unsupported,
+)
+from pytest_rkv.provenance import distribution_facts
 
 DEFAULT_PAGE_SIZE = 16
 RESET_TIMEOUT = 30.0
@@ -91,12 +100,23 @@ class SglangDriver(Driver):
         self.startup_seconds: float | None = None
         self.http = requests.Session()
         self._sessions: list[str] = []
+        self._distribution: dict | None = None
+
+    @classmethod
+    def check_available(cls) -> None:
+        """SGLang lives in its own interpreter: that interpreter must exist (its contents
+        are checked at start, where a failure carries SGLang's own words)."""
+        try:
+            env_mod.find_python()
+        except env_mod.SglangMissing as exc:
+            raise BackendUnavailable(str(exc)) from None
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
         workdir = Path(self.settings.workdir).resolve()
         workdir.mkdir(parents=True, exist_ok=True)
         self.environment = env_mod.inspect(env_mod.find_python())
+        self._distribution = distribution_facts("sglang", python=self.environment.python)
         self.page_size = self.settings.block_size or DEFAULT_PAGE_SIZE
         self.model = choose_model(self.settings.model, workdir, server_mod.CONTEXT_LENGTH)
         self.plan = server_mod.plan_server(
@@ -144,7 +164,7 @@ class SglangDriver(Driver):
         return {
             "runtime": "sglang",
             "runtime_version": self.version,
-            "distribution": f"sglang=={env.sglang_version}" if env else None,
+            "distribution": self._distribution or (f"sglang=={env.sglang_version}" if env else None),
             "device": ("cpu" if plan.on_cpu else "gpu") if plan else None,
             "torch_version": env.torch_version if env else None,
             "python": env.python if env else None,

@@ -74,21 +74,16 @@ class SglangEnvironment:
     def needs_kernel_stand_in(self) -> bool:
         return self.real_sgl_kernel is None
 
-    def stand_ins(self) -> list[dict]:
-        """What the row must declare: pieces of the server that are not upstream's."""
+    def stand_ins(self) -> list[str]:
+        """What the row must declare (provenance `stand_ins`): pieces of the server's
+        environment that are not upstream's, one line each."""
         out = []
         if self.needs_kernel_stand_in:
-            out.append({
-                "replaces": "sgl_kernel",
-                "by": "pytest_rkv/drivers/sglang/standin/sgl_kernel (import-only; every kernel call raises)",
-                "why": "no CPU build of sgl-kernel on PyPI; SGLang's CPU engine calls none without AMX",
-            })
+            out.append("sgl_kernel: pytest-rkv's import-only stand-in (pytest_rkv/drivers/sglang/standin; "
+                       "every kernel call raises; no CPU build of sgl-kernel on PyPI)")
         if self.torchvision_guarded:
-            out.append({
-                "replaces": f"torchvision=={self.torchvision_version} fake-op registrations",
-                "by": "a guard added by scripts/setup_sglang.sh (skipped when torchvision's C ops are absent)",
-                "why": "PyPI's torchvision C ops do not load beside the CPU torch; text models never use them",
-            })
+            out.append(f"torchvision {self.torchvision_version}: fake-op registrations guarded by "
+                       "scripts/sglang_torchvision_guard.py (its C ops do not load beside the CPU torch)")
         return out
 
 
