@@ -8,7 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${RKV_SGLANG_VENV:-.venvs/sglang}"
 python -m venv "$venv"
-pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+# --no-compile: byte-compiling all of torch, SGLang and transformers costs minutes of CPU;
+# Python compiles just the modules it imports, on first use.
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-compile)
 # The CPU torch from the machine's wheel store (SGLang pins a CUDA 2.14.1; 2.13 works).
 "${pip[@]}" torch==2.13.0
 # SGLang without its CUDA dependencies; triton is imported unconditionally.
