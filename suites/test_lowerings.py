@@ -110,6 +110,7 @@ def test_streaming_session_as_hard_claim(rkv):
     rkv.driver.close_held_sessions()
     rkv.record("session_blocks_stored_in_events", stored)
     rkv.record("active_waited_s", waited)
+    rkv.record("bounded_wait_s", rkv.driver.settings.refusal_timeout)
     rkv.record("active_admitted", active is not None and active.ok)
     rkv.record("active_error", active.error.model_dump(mode="json") if active is not None and active.error else None)
     rkv.record("blocks_evicted_by_active", evicted)

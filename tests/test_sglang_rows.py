@@ -67,7 +67,7 @@ def test_streaming_session_waits_without_refusal_and_hides_its_blocks(session):
     probe = session["row"]["lowerings"]["streaming-session-as-hard-claim"]
     assert probe["outcome"] == "failed"
     evidence = probe["tests"][0]["evidence"]
-    assert evidence["active_waited_s"] >= 30  # DriverSettings.refusal_timeout's default
+    assert evidence["active_waited_s"] >= evidence["bounded_wait_s"] > 0  # the whole bounded wait
     assert evidence["active_admitted"] is False and evidence["active_error"] is None
     assert evidence["session_blocks_stored_in_events"] == 0
 
