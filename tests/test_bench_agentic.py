@@ -206,18 +206,19 @@ def test_cross_check_ignores_shared_prefix_and_other_sessions():
 
 
 def test_summary_ratios_and_verdict():
-    def seg(config, recomputed, bg, wall=10.0):
+    def seg(i, config, recomputed, bg, wall=10.0):
         turns = [{"turn": 1, "recomputed_tokens": r, "known_tokens": 400, "prompt_tokens": 450,
                   "ttft_s": 0.1} for r in recomputed]
         background = [{"prompt_tokens": 300, "latency_s": 0.1}] * bg
-        return {"config": config, "turns": turns, "figures": figures.segment_figures(turns, background, wall),
+        return {"segment": i, "config": config, "turns": turns, "figures": figures.segment_figures(turns, background, wall),
                 "failed_turns": [], "background_refusals": 0, "peak_rss_mib": 100,
                 "cross_check": {"checked_turns": len(turns), "agreed": len(turns)}}
 
-    table = figures.summarize([seg("stock", [400, 400], 100), seg("claims", [20, 40], 97),
-                               seg("greedy", [10, 10], 50)], baseline="stock")
+    table = figures.summarize([seg(0, "stock", [400, 400], 100), seg(1, "claims", [20, 40], 97),
+                               seg(2, "greedy", [10, 10], 50)], baseline="stock")
     assert table["claims"]["recompute_reduction_vs_stock"] == pytest.approx(400 / 30)
     assert table["claims"]["background_throughput_vs_stock"] == pytest.approx(0.97)
+    assert table["claims"]["background_throughput_vs_stock_paired"] == pytest.approx(0.97)
     assert figures.verdict(table["claims"]) == {"met": True, "reasons": []}
     starved = figures.verdict(table["greedy"])
     assert not starved["met"] and "background throughput 0.50x" in starved["reasons"][0]
@@ -231,3 +232,15 @@ def test_claim_event_counts_split_refusals_by_client():
     counts = figures.claim_event_counts(events, "ag3", "bg3")
     assert (counts["accepted"], counts["harmed"], counts["agent_turns_refused"], counts["background_refused"]) == (1, 1, 1, 2)
     assert figures.per_claim(counts)["background_refused"] == 2.0
+
+
+def test_paired_ratio_compares_each_segment_with_its_nearest_baseline():
+    def seg(i, config, bg):
+        return {"segment": i, "config": config, "figures": {"background_requests_per_s": bg}}
+
+    # load drifts down over the run; each claims segment is compared with its neighbour
+    segments = [seg(0, "base", 20.0), seg(1, "claims", 19.0), seg(2, "claims", 9.5), seg(3, "base", 10.0)]
+    assert figures.paired_ratio(segments, "claims", "base", "background_requests_per_s") == pytest.approx(0.95)
+    # a tie takes the mean of both neighbours
+    tie = [seg(0, "base", 10.0), seg(1, "claims", 15.0), seg(2, "base", 20.0)]
+    assert figures.paired_ratio(tie, "claims", "base", "background_requests_per_s") == pytest.approx(1.0)

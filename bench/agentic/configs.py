@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from bench.agentic.client import ClaimPolicy
 
 BASELINE = "stock"
+# The same vLLM + adapter server with agents that claim nothing: segments of it sit next to
+# the claims segments (no server restart in between), so the ratios against it are paired
+# in time and much less exposed to the shared machine's load swings than those against
+# the stock server, which is a different start at the ends of the run.
+SAME_SERVER_BASELINE = "rkv-no-claims"
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,9 @@ class Configuration:
 def configurations(ttl_s: float) -> dict[str, Configuration]:
     return {c.name: c for c in (
         Configuration(BASELINE, "vllm", None, "stock vLLM: prefix caching, LRU eviction, no retention"),
+        Configuration(SAME_SERVER_BASELINE, "vllm+rkv", None,
+                      "vLLM + RKV adapter loaded, agents hold no claims (requests through the "
+                      "adapter's route): the same-server baseline"),
         Configuration("rkv-hard-ttl", "vllm+rkv", ClaimPolicy("hard", ttl_s=ttl_s),
                       f"vLLM + RKV adapter: each agent holds a hard claim (TTL {ttl_s:g} s) on its "
                       "context across every tool pause"),

@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "agentic" / "results",
                         help="where agentic.json, table.md and agentic.png go (default: %(default)s)")
-    parser.add_argument("--configs", default="stock,rkv-hard-ttl,rkv-soft",
+    parser.add_argument("--configs", default="stock,rkv-no-claims,rkv-hard-ttl,rkv-soft",
                         help="comma-separated (default: %(default)s); pending: " + ", ".join(configs_mod.PENDING))
     parser.add_argument("--repeats", type=int, default=2, help="ABBA passes over the configurations (default: %(default)s)")
     parser.add_argument("--ttl", type=float, default=6.0, help="TTL of the hard claims in seconds (default: %(default)s)")
@@ -248,8 +248,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             driver.stop()
 
-    table = figures.summarize(segments, configs_mod.BASELINE)
-    verdicts = {name: figures.verdict(row) for name, row in table.items() if name != configs_mod.BASELINE}
+    table = figures.summarize(segments, configs_mod.BASELINE, configs_mod.SAME_SERVER_BASELINE)
+    verdicts = {}
+    for name, row in table.items():
+        if known[name].claim is None:
+            continue
+        verdicts[name] = {}
+        if configs_mod.BASELINE in table:
+            verdicts[name]["vs_stock"] = figures.verdict(row)
+        if configs_mod.SAME_SERVER_BASELINE in table:
+            verdicts[name]["vs_same_server"] = figures.verdict(row, against="same_server")
     result = {
         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(began)),
         "total_wall_s": round(time.time() - began, 1),
