@@ -39,7 +39,8 @@ def markdown(result: dict) -> str:
             f"| {_f(row.get('recompute_reduction_vs_stock'), '{:.1f}x')} "
             f"| {_f(row.get('recompute_reduction_vs_same_server'), '{:.1f}x')} "
             f"| {_f(row['ttft_ms_p50'])} / {_f(row['ttft_ms_p90'])} ms "
-            f"| {check['agreed']}/{check['checked_turns']} turns agree |")
+            f"| {check['agreed']}/{check['checked_turns']} turns agree "
+            f"({_f(row.get('preemptions'))} preemptions) |")
     lines += [
         "",
         "What it costs the rest of the traffic (background = closed-loop one-shot clients; "

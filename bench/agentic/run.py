@@ -48,6 +48,7 @@ from bench.agentic.policy import RefusalPolicy  # noqa: E402
 from bench.agentic.workload import GPU_PROFILE, PARAMETER_SOURCES, Params, describe, generate  # noqa: E402
 
 AGENT_TAG, BACKGROUND_TAG = "ag", "bg"
+COUNTERS = ("vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
 
 
 class MemorySampler(threading.Thread):
@@ -86,6 +87,11 @@ class MemorySampler(threading.Thread):
         return self.peak_rss
 
 
+def _counters(driver) -> dict[str, float]:
+    metrics = driver.metrics()
+    return {k: metrics.get(k, 0.0) for k in COUNTERS}
+
+
 def _params_from_args(args: argparse.Namespace) -> Params:
     values = {f.name: getattr(args, f.name) for f in fields(Params) if getattr(args, f.name, None) is not None}
     base = replace(Params(), **GPU_PROFILE) if args.gpu else Params()
@@ -101,6 +107,7 @@ def run_segment(driver, config: configs_mod.Configuration, workload, seg_no: int
     if config.backend != "vllm":
         rkv_mark = max((e.seq for e in driver.events(0)), default=0)
     kv_mark = len(driver.subscriber.events())
+    counters_before = _counters(driver)
     ep = Endpoint(driver.plan.base_url, driver.model.served_name)
     log = SegmentLog()
     stop = threading.Event()
@@ -125,6 +132,7 @@ def run_segment(driver, config: configs_mod.Configuration, workload, seg_no: int
     peak = sampler.stop()
     load_after = os.getloadavg()
     driver.check_alive()
+    counters_after = _counters(driver)
 
     kv_events = driver.block_events()  # settled, gap-checked (raises on a lost batch)
     kv_events = [e for e in kv_events if e.seq > kv_mark]
@@ -151,6 +159,10 @@ def run_segment(driver, config: configs_mod.Configuration, workload, seg_no: int
         "cross_check": figures.cross_check(check_input, stored, workload.params.block_size,
                                            sample_every=check_every),
         "kv_event_stream": driver.subscriber.stats(),
+        # vLLM's own counters over the segment. Preemptions matter to the cross-check: a
+        # preempted request recomputes its blocks, which `cached_tokens` (taken at its first
+        # admission) does not show and the KV events do.
+        "vllm_counters": {k: counters_after.get(k, 0.0) - counters_before.get(k, 0.0) for k in COUNTERS},
     }
     if config.backend != "vllm":
         events = [e.model_dump(mode="json") for e in driver.events(rkv_mark)]
@@ -238,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(args.cooldown)
                 seg = run_segment(driver, known[name], workload, seg_no, policy, args.check_every)
                 segments.append(seg)
+                # Kept as it goes: a failure later in the run loses no measured segment.
+                (args.out / "segments.partial.json").write_text(json.dumps(segments, default=str) + "\n")
                 f = seg["figures"]
                 print(f"[agentic] seg {seg_no} {name}: recomputed/turn "
                       f"{f['recomputed_tokens_per_turn_mean']:.0f}, ttft p50 {f['ttft_ms_p50']:.0f} ms, "
@@ -276,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         "segments": segments,
     }
     (args.out / "agentic.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    (args.out / "segments.partial.json").unlink(missing_ok=True)
     from bench.agentic import report
 
     text = report.markdown(result)
