@@ -244,3 +244,13 @@ def test_paired_ratio_compares_each_segment_with_its_nearest_baseline():
     # a tie takes the mean of both neighbours
     tie = [seg(0, "base", 10.0), seg(1, "claims", 15.0), seg(2, "base", 20.0)]
     assert figures.paired_ratio(tie, "claims", "base", "background_requests_per_s") == pytest.approx(1.0)
+
+
+def test_claim_prefill_counts_the_blocks_a_claim_stored_in_its_window():
+    context = list(range(1, 4 * 32 + 1))  # 4 full blocks; block 0 shared
+    hashes = block_hash_strings(context, 32)
+    stored = [(20.0, hashes[1:4]),  # the turn computed them earlier
+              (30.02, hashes[3:4]),  # the claim's prefill recomputed the last block
+              (31.0, hashes[3:4])]  # something later, not the claim's
+    claim = {"prompt": context, "sent_at": 30.0, "done_at": 30.05}
+    assert figures.claim_prefill_blocks([claim], stored, 32, system_blocks=1) == 1

@@ -118,6 +118,9 @@ class ClaimAttempt:
     refusals: list[str]  # the reasons of the 409s it met
     blocks: int
     latency_s: float
+    sent_at: float  # wall clock: the materializing prefill's KV events fall in [sent_at, done_at]
+    done_at: float
+    prompt_hash_key: list[int] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -264,24 +267,27 @@ class AgentRunner:
                 "client_id": f"{self.tag}-agent{self.agent}"}
         if self.claim_policy.ttl_s is not None:
             body["ttl_s"] = self.claim_policy.ttl_s
-        began = time.monotonic()
+        began, sent_at = time.monotonic(), time.time()
         reasons: list[str] = []
+
+        def attempt(outcome: str) -> ClaimAttempt:
+            return ClaimAttempt(session, turn, outcome, reasons, blocks, time.monotonic() - began,
+                                sent_at, time.time(), body["prompt_token_ids"])
+
         while True:
             resp = self.ep.http.post(self.ep.base_url + "/v1/kv/claims", json=body, timeout=REQUEST_TIMEOUT)
             payload = resp.json()
             if resp.status_code in (200, 201):
                 state = payload.get("state")
                 outcome = "resident" if state == "resident" else f"failed:{state}"
-                self.log.add("claims", ClaimAttempt(session, turn, outcome, reasons, blocks,
-                                                    time.monotonic() - began))
+                self.log.add("claims", attempt(outcome))
                 return payload["claim_id"] if state == "resident" else None
             if resp.status_code != 409:
                 raise RuntimeError(f"POST /v1/kv/claims answered {resp.status_code}: {str(payload)[:300]}")
             reasons.append(str((payload.get("error") or {}).get("reason")))
             decision = self.policy.after_claim_refused(len(reasons), pause_s - (time.monotonic() - began))
             if decision.action != "retry":
-                self.log.add("claims", ClaimAttempt(session, turn, "fallback", reasons, blocks,
-                                                    time.monotonic() - began))
+                self.log.add("claims", attempt("fallback"))
                 return None
             time.sleep(decision.delay_s)
 

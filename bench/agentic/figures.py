@@ -71,6 +71,19 @@ def cross_check(turns: Iterable[dict], stored: Sequence[tuple[float, Sequence[st
             "mismatch_count": len(mismatches)}
 
 
+def claim_prefill_blocks(claims: Iterable[dict], stored: Sequence[tuple[float, Sequence[str]]],
+                         block_size: int, system_blocks: int) -> int:
+    """Private blocks the claims' own materializing prefills stored (KV events in each claim
+    call's window): the recomputation claims themselves cost. With the context cached this
+    is about one block per claim (vLLM never serves a prompt's last block from cache)."""
+    total = 0
+    for claim in claims:
+        wanted = set(block_hash_strings(claim["prompt"], block_size)[system_blocks:])
+        lo, hi = claim["sent_at"] - SLACK_S, claim["done_at"] + SLACK_S
+        total += sum(1 for ts, batch in stored if lo <= ts <= hi for h in batch if h in wanted)
+    return total
+
+
 def claim_event_counts(events: Iterable[dict], agent_prefix: str, background_prefix: str) -> dict:
     """RKV events of a segment, counted by kind; request refusals split by who was refused."""
     kinds = Counter(e["type"] for e in events)
@@ -174,6 +187,11 @@ def summarize(segments: list[dict], baseline: str, same_server: str | None = Non
             "failed_turns": sum(len(s["failed_turns"]) for s in segs),
             "peak_rss_mib": max((s.get("peak_rss_mib") or 0) for s in segs),
         }
+        prefill = [s["claim_prefill_tokens"] for s in segs if s.get("claim_prefill_tokens") is not None]
+        if prefill and later:
+            row["claim_prefill_tokens_per_turn"] = sum(prefill) / len(later)
+            row["recomputed_tokens_per_turn_with_claim_prefill"] = (
+                (sum(recomputed) + sum(prefill)) / len(later))
         if any("claim_events" in s for s in segs):
             counts = Counter()
             for s in segs:

@@ -153,7 +153,11 @@ def run_segment(driver, config: configs_mod.Configuration, workload, seg_no: int
         "figures": figures.segment_figures(turn_dicts, bg_in_window, wall),
         "turns": turn_dicts,
         "failed_turns": log.failed_turns,
-        "claims": [asdict(c) for c in log.claims],
+        "claims": [as_dict(c) for c in log.claims],
+        "claim_prefill_tokens": workload.params.block_size * figures.claim_prefill_blocks(
+            [{**as_dict(c), "prompt": c.prompt_hash_key} for c in log.claims if c.outcome == "resident"],
+            stored, workload.params.block_size, len(workload.system) // workload.params.block_size)
+        if config.claim is not None else None,
         "background_refusals": log.background_refusals,
         "errors": log.errors,
         "cross_check": figures.cross_check(check_input, stored, workload.params.block_size,
