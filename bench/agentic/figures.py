@@ -203,7 +203,9 @@ def summarize(segments: list[dict], baseline: str, same_server: str | None = Non
         check = [s["cross_check"] for s in segs if s.get("cross_check")]
         row["cross_check"] = {"checked_turns": sum(c["checked_turns"] for c in check),
                               "agreed": sum(c["agreed"] for c in check)}
-        row["preemptions"] = sum((s.get("vllm_counters") or {}).get("vllm:num_preemptions_total", 0) for s in segs)
+        counted = [s["vllm_counters"] for s in segs if s.get("vllm_counters")]
+        row["preemptions"] = (sum(c.get("vllm:num_preemptions_total", 0) for c in counted)
+                              if counted else None)
         table[name] = row
     base = table.get(baseline)
     if base:
