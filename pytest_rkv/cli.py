@@ -109,13 +109,13 @@ def _backends(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pytest_rkv.bundle import verify
+    from pytest_rkv.verify import verify
 
     bundle = Path(args.bundle)
-    if not bundle.is_dir():
+    if bundle.is_symlink() or not bundle.is_dir():
         print(f"rkv verify: {bundle} is not a bundle directory", file=sys.stderr)
         return 2
-    checks = verify(bundle)
+    checks = verify(bundle, replay=not args.no_replay)
     for check in checks:
         print(check.line())
     failed = [c for c in checks if not c.ok]
@@ -127,7 +127,7 @@ def _matrix(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pytest_rkv.descriptor import descriptor_files
-    from pytest_rkv.label import check_file
+    from pytest_rkv.checker import check_file
     from pytest_rkv.matrix import html_page, markdown, row_from_bundle, row_from_check
 
     rows = []
@@ -161,7 +161,7 @@ def _check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pytest_rkv.descriptor import SuiteCatalogue, descriptor_files, load_evidence
-    from pytest_rkv.label import Label, check_file
+    from pytest_rkv.checker import Label, check_file
     from pytest_rkv.matrix import render_check, render_matrix
 
     catalogue = SuiteCatalogue.scan(args.suites) if args.suites else SuiteCatalogue.default()
@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
     v = sub.add_parser("verify", help="check an evidence bundle, independently of the run")
     v.add_argument("bundle", help="a bundle directory: <report-dir>/<backend>")
+    v.add_argument("--no-replay", action="store_true",
+                   help="skip re-running the suite on the transcript (the bundle is then NOT VERIFIED)")
     v.set_defaults(func=_verify)
     c = sub.add_parser("check", help="label lowering descriptors against anchors and run evidence")
     c.add_argument("descriptor", nargs="?", help="a descriptor file (.toml or .json)")

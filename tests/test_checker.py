@@ -208,7 +208,7 @@ def release_row(outcome: str, events: list[dict], depth: str = "native", **entry
     test = {"nodeid": RELEASE, "outcome": outcome, "detail": "", "evidence": {}, "events": len(events), **entry}
     if events:
         test["events_sha256"] = events_digest(events)
-    return {"schema": "pytest-rkv/row/1", "backend": "x", "depth": depth, "routed": False,
+    return {"schema": "pytest-rkv/row/2", "backend": "x", "depth": depth, "routed": False,
             "obligations": {"release": {"outcome": outcome, "tests": [test]}}, "substrates": {}, "lowerings": {}}
 
 

@@ -322,7 +322,7 @@ FIELDS = ["schema", "backend", "runtime", "surfaces", "lowerings", "name", "rout
           "test", "block_hashes", "tier", "from_state", "to_state", "blocking_claims", "evidence"]
 NEAR_JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(
-        ["pytest-rkv/row/1", "pytest-rkv/descriptor/1", "passed", "failed", "native", "adapter", "claim.accepted",
+        ["pytest-rkv/row/2", "pytest-rkv/descriptor/1", "passed", "failed", "native", "adapter", "claim.accepted",
          "blocks.stored", "blocks.evicted", "host", "c1", "v1", "native conformance", "request-priority"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=6),
     max_leaves=30,
