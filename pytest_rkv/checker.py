@@ -32,7 +32,7 @@ from pytest_rkv.descriptor import (
     resolve_anchor,
     suite_key,
 )
-from pytest_rkv.evidence import ROW_SCHEMA
+from pytest_rkv.evidence import ROW_SCHEMA, events_digest
 from pytest_rkv.label import Verdict, combine, obligation_label
 from pytest_rkv.trace import order_problems
 
@@ -239,8 +239,6 @@ def _read_run(evidence: Evidence) -> tuple[_Run | None, list[str]]:
 
 def _digest(events: list[dict]) -> str:
     """The row's fingerprint of a test's events (the trace lines without their `test` key)."""
-    from pytest_rkv.report import events_digest  # report imports this module: import late
-
     return events_digest([{k: v for k, v in e.items() if k != "test"} for e in events])
 
 

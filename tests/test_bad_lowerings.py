@@ -22,7 +22,7 @@ import pytest
 import pytest_rkv.label as label_module
 from pytest_rkv.contract import Label, TestOutcome
 from pytest_rkv.descriptor import Evidence, SuiteCatalogue, load_evidence
-from pytest_rkv.label import FINDING_CODES, check_file
+from pytest_rkv.checker import FINDING_CODES, check_file
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "bad_lowerings"

@@ -18,7 +18,7 @@ from pytest_rkv.descriptor import (
     load_evidence,
     parse_descriptor,
 )
-from pytest_rkv.label import check_data, check_file, check_lowering
+from pytest_rkv.checker import check_data, check_file, check_lowering
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ROOT / "backends"
@@ -203,7 +203,7 @@ RELEASE = "suites/test_claims.py::test_release_ends_protection_at_once[x]"
 
 
 def release_row(outcome: str, events: list[dict], depth: str = "native", **entry) -> dict:
-    from pytest_rkv.report import events_digest
+    from pytest_rkv.evidence import events_digest
 
     test = {"nodeid": RELEASE, "outcome": outcome, "detail": "", "evidence": {}, "events": len(events), **entry}
     if events:
@@ -320,7 +320,7 @@ def test_committed_descriptors_load():
 
 def test_an_adapter_row_may_leave_out_what_it_declares_unsupported_but_never_the_core():
     from pytest_rkv.contract import OBLIGATIONS, Label
-    from pytest_rkv.label import Finding, ObligationCheck, lowering_row_label
+    from pytest_rkv.checker import Finding, ObligationCheck, lowering_row_label
 
     def checks(gap: str, proposed: Label | None):
         out = {}

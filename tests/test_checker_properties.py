@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from pytest_rkv.contract import OBLIGATIONS, Label
 from pytest_rkv.descriptor import Evidence, SuiteCatalogue, parse_descriptor, suite_key
-from pytest_rkv.label import TRACE_NEEDS, check_data, check_lowering
-from pytest_rkv.report import events_digest
+from pytest_rkv.checker import TRACE_NEEDS, check_data, check_lowering
+from pytest_rkv.evidence import events_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = Path(__file__).resolve().parent / "bad_lowerings" / "adapter-claims-native"
