@@ -78,9 +78,11 @@ def verify(bundle: Path, replay: bool = True) -> list[Check]:
         ("junit", lambda: _check_junit(bundle, row)),
         ("events", lambda: _check_events(bundle, row)),
         ("transcript", lambda: _check_transcript(bundle, row)),
-        ("replay", lambda: _check_replay(bundle, row) if replay else Check("replay", False, "skipped")),
+        ("replay", lambda: _check_replay(bundle, row) if replay else Check("replay", False, "not replayed (--no-replay)")),
         ("descriptors", lambda: _check_descriptors(bundle, row)),
     ]:
+        if name == "replay" and not all(c.ok for c in checks):
+            continue  # already refused: no need to spend a replay on it
         try:
             checks.append(check())
         except EvidenceError as exc:
