@@ -248,3 +248,50 @@ def test_the_replay_backend_cannot_certify(run_suites, tmp_path):
     run = run_suites("--rkv-certify", "--rkv-backend=replay", f"--rkv-replay={tmp_path}")
     assert run.result.ret == pytest.ExitCode.USAGE_ERROR
     run.result.stderr.fnmatch_lines(["*--rkv-certify refuses the replay backend*"])
+
+
+def test_a_dropped_test_is_refused(genuine, tmp_path):
+    bundle = _copy(genuine, tmp_path)
+    row = json.loads((bundle / "row.json").read_text())
+    dropped = row["obligations"]["release"]["tests"].pop()
+    row["obligations"]["release"]["outcome"] = "not_run"
+    write_row(bundle, row)
+    junit = (bundle / "junit.xml").read_text().splitlines()
+    (bundle / "junit.xml").write_text("\n".join(l for l in junit if dropped["nodeid"].split("::")[1] not in l))
+    seal(bundle)
+    failed = _failed(bundle)
+    assert "obligation release was not executed" in failed["complete"]
+    assert "test test_claims.py::test_release_ends_protection_at_once is missing" in failed["complete"]
+
+
+def test_a_changed_file_or_hash_or_an_extra_file_is_refused(genuine, tmp_path):
+    bundle = _copy(genuine, tmp_path)
+    with open(bundle / "junit.xml", "a") as f:
+        f.write("<!-- edited -->\n")
+    assert "junit.xml has sha256" in _failed(bundle)["files"]
+    seal(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["row.json"] = "0" * 64
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert "row.json has sha256" in _failed(bundle)["files"]
+    seal(bundle)
+    (bundle / "extra.txt").write_text("slipped in")
+    assert "extra.txt is not in the manifest" in _failed(bundle)["files"]
+
+
+def test_a_modified_suite_hash_is_refused(genuine, tmp_path):
+    bundle = _copy(genuine, tmp_path)
+    row = json.loads((bundle / "row.json").read_text())
+    row["suite_hash"] = "f" * 64
+    write_row(bundle, row)
+    seal(bundle)
+    assert "the suite was modified" in _failed(bundle)["suite"]
+
+
+def test_a_depth_that_is_not_the_backend_s_is_refused(genuine, tmp_path):
+    bundle = _copy(genuine, tmp_path)
+    row = json.loads((bundle / "row.json").read_text())
+    row["depth"] = "adapter"
+    write_row(bundle, row)
+    seal(bundle)
+    assert "backend reference is depth native" in _failed(bundle)["backend"]
