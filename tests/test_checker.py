@@ -175,13 +175,13 @@ def test_rkv_check_all_flags_a_malformed_descriptor_in_the_matrix(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_evidence_is_found_under_the_bundle_writers_directory_name(reference_bundle, tmp_path):
+def test_evidence_is_found_under_the_canonical_backend_id(reference_bundle, tmp_path):
     from pytest_rkv.descriptor import evidence_for
 
-    shutil.copytree(reference_bundle, tmp_path / "vllm_rkv")
+    shutil.copytree(reference_bundle, tmp_path / "vllm+rkv")
     descriptor = parse_descriptor({"schema": "pytest-rkv/descriptor/1", "backend": "vllm+rkv",
                                    "runtime": {"name": "vllm", "version": "0.32.0"}})
-    assert evidence_for(descriptor, tmp_path).row_path == str(tmp_path / "vllm_rkv" / "row.json")
+    assert evidence_for(descriptor, tmp_path).row_path == str(tmp_path / "vllm+rkv" / "row.json")
     assert not evidence_for(descriptor, tmp_path / "nowhere").has_run
 
 
