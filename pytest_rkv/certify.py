@@ -46,10 +46,14 @@ def released_manifest() -> dict:
 
 
 def released_suite_dir() -> Path | None:
-    """The released suite's directory, if this installation has it unmodified: `suites/`
-    beside the package (a source checkout). None otherwise."""
-    candidate = Path(__file__).resolve().parent.parent / "suites"
-    if candidate.is_dir() and suite_hash(suite_files(candidate)) == released_manifest()["suite_hash"]:
+    """The released suite's directory, if this installation has it unmodified (else None)."""
+    from pytest_rkv.locations import suite_dir
+
+    try:
+        candidate = suite_dir()
+    except FileNotFoundError:
+        return None
+    if suite_hash(suite_files(candidate)) == released_manifest()["suite_hash"]:
         return candidate
     return None
 
