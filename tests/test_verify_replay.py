@@ -228,7 +228,19 @@ def test_a_dropped_test_transcript_is_refused(genuine, tmp_path):
 
     _edit_transcript(bundle, lambda lines: [line for line in lines if line["test"] != victim])
     failed = _failed(bundle)
+    assert list(failed) == ["transcript"]
     assert f"{victim}: 0 calls in the transcript, the row says" in failed["transcript"]
+    # A careful forger also sets the row's count to 0: then the replay refuses it.
+    row = json.loads((bundle / "row.json").read_text())
+    for section in ("obligations", "substrates", "lowerings"):
+        for entry in row[section].values():
+            for test in entry["tests"]:
+                if test["nodeid"] == victim:
+                    test["calls"] = 0
+    write_row(bundle, row)
+    seal(bundle)
+    failed = _failed(bundle)
+    assert list(failed) == ["replay"], failed
     assert f"{victim}: the bundle says passed, the replay gives error" in failed["replay"]
     assert "its transcript has no further call" in failed["replay"]
 
