@@ -87,3 +87,18 @@ def test_the_checker_never_raises_a_label_the_run_did_not_earn(rows):
         earned = row.obligations[ob_id].label
         if c.label is not None and earned is not None:
             assert rank.index(c.label.value) <= rank.index(earned.value), (ob_id, c.label, earned)
+
+
+def test_the_committed_matrix_lists_each_runtime_once_and_its_links_resolve():
+    from pathlib import Path
+
+    reports = Path(__file__).resolve().parent.parent / "reports"
+    md = (reports / "matrix.md").read_text()
+    names = [line.split("|")[1].split(" (")[0].strip() for line in md.splitlines()
+             if line.startswith("| ") and not line.startswith("| row")]
+    assert names and len(names) == len(set(names)), names
+    page = (reports / "matrix.html").read_text()
+    links = re.findall(r"href='([^']+)'", page)
+    assert any(link.startswith("bundles/") for link in links)
+    missing = [link for link in links if not (reports / link).resolve().is_file()]
+    assert not missing, f"links that do not resolve in the repository: {missing}"
