@@ -13,6 +13,7 @@ only a folder holding that marker is ever emptied (`claim_bundle_dir`, `prepare`
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -256,8 +257,6 @@ class RowCollector:
         self.rows: dict[str, Row] = {}
 
     def pytest_runtest_logreport(self, report) -> None:
-        import json
-
         for key, value in getattr(report, "user_properties", ()):
             if key != RESULT_KEY:
                 continue

@@ -23,7 +23,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from pytest_rkv import errors
 from pytest_rkv.certify import redact
 from pytest_rkv.drivers.base import Driver, DriverSettings, Reply
 from pytest_rkv.errors import HarnessError
