@@ -123,12 +123,12 @@ def _check_files(bundle: Path) -> Check:
 
 
 def _check_backend(row: Row) -> Check:
-    from pytest_rkv.drivers.registry import installed, driver_class
+    from pytest_rkv.drivers.recording import recorded_class
 
     if row.backend == "replay":
         return Check("backend", False, "the replay backend is a verifier's tool, not a runtime row")
-    if row.backend in installed():
-        cls = driver_class(row.backend)
+    cls = recorded_class(row.backend)
+    if cls is not None:
         if (row.depth, row.routed) != (cls.depth, cls.routed):
             return Check("backend", False, f"row says depth {row.depth}, routed {row.routed}; backend "
                                            f"{row.backend} is depth {cls.depth}, routed {cls.routed}")

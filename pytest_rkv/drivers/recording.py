@@ -190,9 +190,7 @@ class ReplayDriver(Driver):
         self.recorded_backend = self.row.backend
         # Label as the recorded backend was labelled: its registered depth, not a field a
         # forger could edit (an unregistered backend keeps what the row says).
-        from pytest_rkv.drivers.registry import installed, driver_class
-
-        cls = driver_class(self.row.backend) if self.row.backend in installed() else None
+        cls = recorded_class(self.row.backend)
         self.depth = cls.depth if cls else self.row.depth
         self.routed = cls.routed if cls else self.row.routed
         self._calls: list[Call] = []
@@ -251,11 +249,22 @@ _OWN = frozenset({"bundle", "row", "transcripts", "recorded_backend", "depth", "
                   "begin_test", "serve", "name", "describe"})
 
 
+def recorded_class(backend: str) -> type[Driver] | None:
+    """The registered driver class of `backend`, imported without asking for its runtime
+    (a verifier needs the class's depth and method signatures, never the runtime itself)."""
+    from pytest_rkv.drivers.registry import UnknownBackend, lookup
+
+    try:
+        module, _, attr = lookup(backend).target.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+    except (UnknownBackend, ImportError, AttributeError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, Driver) else None
+
+
 def _method_of(backend: str, name: str) -> Any:
     """The recorded backend's method `name` (its signature binds the replayed arguments)."""
-    from pytest_rkv.drivers.registry import installed, driver_class
-
-    cls = driver_class(backend) if backend in installed() else Driver
+    cls = recorded_class(backend) or Driver
     attr = getattr(cls, name, None)
     return attr if callable(attr) and not isinstance(attr, type) else None
 
