@@ -512,14 +512,16 @@ def _judge_run(p: _Proposal, run: _Run, ctx: _Context) -> Judgement:
         return None, [Finding("not-applicable", "does not apply to this backend (its tests say so)")]
     if combined in (TestOutcome.ERROR, TestOutcome.NOT_RUN):
         void = sorted(suite_key(t.nodeid) for t in bearing if t.outcome in (TestOutcome.ERROR, TestOutcome.NOT_RUN))
-        return Label.UNKNOWN, [Finding("harness-error", f"harness error or not run: {', '.join(void)}; that "
-                                                        "evidence is void")]
+        return _cap(p.floor, p.cap), [Finding("harness-error", f"harness error or not run: {', '.join(void)}; that "
+                                                               "evidence is void, so only the anchors count")]
     suite = obligation_label(p.ob_id, combined, run.depth, _substrates_passed(ctx))
     if suite.label in _POSITIVE:
         return _judge_pass(p, suite, [t for t in bearing if t.outcome == TestOutcome.PASSED], run)
     if suite.label == Label.APPROXIMATION and combined == TestOutcome.PASSED:
         return _cap(suite.label, p.cap), [Finding("no-claim-support", f"{suite.reason} (depth {run.depth})")]
-    label = suite.label  # the anchors never lift what the run shows
+    # The anchors' floor may stand in for a probe that could not run, never above what the
+    # run itself earned for the obligation (`_check_obligation` caps at `run_label`).
+    label = suite.label if _RANK[suite.label] >= _RANK[p.floor] else p.floor
     findings = [Finding("unconfirmed", f"the run does not show it: {combined.value} ({suite.reason})")]
     if p.positive:  # name what the trace lacks, to say why the proposal does not hold
         findings += [f for f in _trace_findings(p.ob_id, bearing, run, p.kind) if f.code != "missing-order"][:1]
