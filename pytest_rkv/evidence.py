@@ -292,6 +292,7 @@ def read_trace(path: Path) -> dict[str, list[dict]]:
 #   {"$model": "pytest_rkv.contract:Claim", "data": {...}}     a pydantic model
 #   {"$reply": {"status": 200, "value": V, "error": V}}          a drivers.base.Reply
 #   {"$enum": "pytest_rkv.contract:ClaimState", "value": "..."}  an enum member
+#   {"$dataclass": "pytest_rkv.drivers.base:Routed", "data": {...}} a dataclass (fields encoded)
 #   {"$dict": {...}}                                             a plain dict
 #   [V, ...]                                                     a list or tuple
 # `drivers/recording.py` turns live objects into these values and back.

@@ -15,6 +15,7 @@ tool: the plugin refuses to certify it, and it never reaches a runtime.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import enum
 import importlib
 import inspect
@@ -53,6 +54,9 @@ def encode(value: Any) -> Any:
         return {"$model": _qualname(type(value)), "data": value.model_dump(mode="json", by_alias=True)}
     if isinstance(value, Reply):
         return {"$reply": {"status": value.status, "value": encode(value.value), "error": encode(value.error)}}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"$dataclass": _qualname(type(value)),
+                "data": {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}}
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]
     if isinstance(value, (set, frozenset)):
@@ -97,6 +101,14 @@ def decode(value: Any) -> Any:
             return cls.model_validate(value["data"])
         except Exception as exc:
             raise EvidenceError(f"{TRANSCRIPT}: a {cls.__name__} does not validate ({str(exc).splitlines()[0]})") from None
+    if "$dataclass" in value:
+        cls = _trusted_class(value["$dataclass"], object)
+        if not dataclasses.is_dataclass(cls) or not isinstance(value.get("data"), dict):
+            raise EvidenceError(f"{TRANSCRIPT}: {str(value['$dataclass'])[:60]} is not a dataclass record")
+        try:
+            return cls(**{k: decode(v) for k, v in value["data"].items()})
+        except TypeError as exc:
+            raise EvidenceError(f"{TRANSCRIPT}: a {cls.__name__} does not build ({exc})") from None
     if "$enum" in value:
         return _trusted_class(value["$enum"], enum.Enum)(value["value"])
     raise EvidenceError(f"{TRANSCRIPT}: untagged object {sorted(value)[:3]}")
