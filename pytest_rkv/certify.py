@@ -45,6 +45,19 @@ def released_manifest() -> dict:
     return json.loads(MANIFEST.read_text())
 
 
+def released_suite_dir() -> Path | None:
+    """The released suite's directory, if this installation has it unmodified (else None)."""
+    from pytest_rkv.locations import suite_dir
+
+    try:
+        candidate = suite_dir()
+    except FileNotFoundError:
+        return None
+    if suite_hash(suite_files(candidate)) == released_manifest()["suite_hash"]:
+        return candidate
+    return None
+
+
 def manifest_for(suite_dir: Path, version: str) -> dict:
     files = suite_files(suite_dir)
     return {"suite_version": version, "files": files, "suite_hash": suite_hash(files)}

@@ -109,13 +109,13 @@ def _backends(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pytest_rkv.bundle import verify
+    from pytest_rkv.verify import verify
 
     bundle = Path(args.bundle)
-    if not bundle.is_dir():
+    if bundle.is_symlink() or not bundle.is_dir():
         print(f"rkv verify: {bundle} is not a bundle directory", file=sys.stderr)
         return 2
-    checks = verify(bundle)
+    checks = verify(bundle, replay=not args.no_replay)
     for check in checks:
         print(check.line())
     failed = [c for c in checks if not c.ok]
@@ -126,32 +126,43 @@ def _verify(args: argparse.Namespace) -> int:
 def _matrix(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pytest_rkv.descriptor import descriptor_files
-    from pytest_rkv.label import check_file
-    from pytest_rkv.matrix import html_page, markdown, row_from_bundle, row_from_check
+    from pytest_rkv.checker import check_file
+    from pytest_rkv.descriptor import descriptor_files, load_descriptor, load_evidence
+    from pytest_rkv.evidence import EvidenceError, read_row
+    from pytest_rkv.matrix import html_page, markdown, runtime_rows
 
-    rows = []
+    bundles, files = [], []
     for given in args.paths:
         path = Path(given)
         if (path / "row.json").exists() or path.name == "row.json":
-            rows.append(row_from_bundle(path))
+            bundles.append(path.parent if path.name == "row.json" else path)
         elif path.suffix in (".toml", ".json") or path.is_dir() and descriptor_files(path):
-            files = [path] if path.is_file() else descriptor_files(path)
-            for file in files:
-                check = check_file(file, evidence_dir=args.evidence_dir)
-                if check.malformed:
-                    print(f"rkv matrix: {check.reason}", file=sys.stderr)
-                    return 2
-                rows.append(row_from_check(check))
+            files += [path] if path.is_file() else descriptor_files(path)
         else:
             print(f"rkv matrix: {path} is neither a bundle (a directory with row.json), a row.json, "
                   "nor a descriptor (.toml/.json, or a directory of them)", file=sys.stderr)
             return 2
+    try:
+        by_backend = {read_row(b).backend: b for b in bundles}
+        checks = []
+        for file in files:
+            check = check_file(file, evidence_dir=args.evidence_dir)
+            if check.malformed:
+                print(f"rkv matrix: {check.reason}", file=sys.stderr)
+                return 2
+            backend = load_descriptor(file).backend
+            if backend in by_backend:  # judged on the very evidence its row shows
+                check = check_file(file, load_evidence(by_backend[backend] / "row.json"))
+            checks.append(check)
+        rows = runtime_rows(bundles, checks)
+    except EvidenceError as exc:
+        print(f"rkv matrix: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "matrix.md").write_text(markdown(rows))
     (out / "matrix.html").write_text(html_page(rows, base=out))
-    print(f"wrote {out / 'matrix.md'} and {out / 'matrix.html'} ({len(rows)} rows)")
+    print(f"wrote {out / 'matrix.md'} and {out / 'matrix.html'} ({len(rows)} rows, one per runtime)")
     return 0
 
 
@@ -161,7 +172,7 @@ def _check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pytest_rkv.descriptor import SuiteCatalogue, descriptor_files, load_evidence
-    from pytest_rkv.label import Label, check_file
+    from pytest_rkv.checker import Label, check_file
     from pytest_rkv.matrix import render_check, render_matrix
 
     catalogue = SuiteCatalogue.scan(args.suites) if args.suites else SuiteCatalogue.default()
@@ -227,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 
     v = sub.add_parser("verify", help="check an evidence bundle, independently of the run")
     v.add_argument("bundle", help="a bundle directory: <report-dir>/<backend>")
+    v.add_argument("--no-replay", action="store_true",
+                   help="skip re-running the suite on the transcript (the bundle is then NOT VERIFIED)")
     v.set_defaults(func=_verify)
     c = sub.add_parser("check", help="label lowering descriptors against anchors and run evidence")
     c.add_argument("descriptor", nargs="?", help="a descriptor file (.toml or .json)")

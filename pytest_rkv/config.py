@@ -32,6 +32,7 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
         "their checked labels (default: the descriptors installed with pytest-rkv)",
         None,
     ),
+    "replay": ("a bundle whose transcript the replay backend serves (rkv verify's tool, never certifiable)", None),
     "reference-fault": (
         "break the reference runtime on purpose (comma-separated fault modes): "
         + ", ".join(FAULT_MODES),
@@ -51,6 +52,7 @@ class RkvConfig:
     reference_faults: frozenset[str]
     certify: bool
     descriptors: Path | None
+    replay: Path | None = None
 
 
 CERTIFY_HELP = (
@@ -118,6 +120,13 @@ def get_config(config: pytest.Config) -> RkvConfig:
     if "rkv-http" in backends and not url:
         raise pytest.UsageError("--rkv-backend=rkv-http needs --rkv-url (the RKV API v1 server to test)")
 
+    replay = _value(config, "replay")
+    if "replay" in backends and not replay:
+        raise pytest.UsageError("--rkv-backend=replay needs --rkv-replay BUNDLE (it serves a bundle's transcript)")
+    if "replay" in backends and bool(config.getoption("rkv_certify") or config.getini("rkv_certify")):
+        raise pytest.UsageError("--rkv-certify refuses the replay backend: it replays a bundle, it is not a runtime")
+    replay_dir = Path(config.invocation_params.dir) / replay if replay else None
+
     report_dir = Path(_value(config, "report-dir") or "rkv-report")
     if not report_dir.is_absolute():
         report_dir = Path(config.invocation_params.dir) / report_dir
@@ -138,4 +147,5 @@ def get_config(config: pytest.Config) -> RkvConfig:
         reference_faults=faults,
         certify=bool(config.getoption("rkv_certify") or config.getini("rkv_certify")),
         descriptors=descriptors_dir,
+        replay=replay_dir,
     )

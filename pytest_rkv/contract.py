@@ -21,7 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 API_VERSION = "rkv/1"
 SUITE_VERSION = "0.1.0"
-ROW_SCHEMA = "pytest-rkv/row/1"  # the version of row.json documents
 
 
 class _Model(BaseModel):

@@ -504,11 +504,9 @@ def evidence_for(descriptor: Descriptor, evidence_dir: Path | str | None) -> Evi
     if there is one, else no evidence."""
     if evidence_dir is None:
         return Evidence()
-    from pytest_rkv.bundle import bundle_dir  # the writer's own naming (vllm+rkv -> vllm_rkv)
-
-    for directory in (bundle_dir(Path(evidence_dir), descriptor.backend), Path(evidence_dir) / descriptor.backend):
-        if (directory / "row.json").is_file():
-            return load_evidence(directory / "row.json")
+    directory = Path(evidence_dir) / descriptor.backend  # the canonical id names the bundle folder
+    if (directory / "row.json").is_file():
+        return load_evidence(directory / "row.json")
     return Evidence()
 
 

@@ -1,7 +1,8 @@
-"""The conformance matrix: a row per runtime/lowering, a column per obligation.
+"""The conformance matrix: one row per runtime (its canonical backend id), a column per obligation.
 
-Input rows come from evidence bundles (`<report-dir>/<backend>/`, run-backed) and, when
-the lowering checker is given descriptors, from static descriptor rows. Output:
+A runtime with an evidence bundle (`<report-dir>/<backend>/`) gets the run's labels, each
+cell lowered (never raised) by the lowering checker's verdict on its descriptors'
+proposals, which the row links. A runtime with only descriptors gets a static row. Output:
 
 * `matrix.md`   - Markdown: label codes per cell, the reasons listed under the table;
 * `matrix.html` - one self-contained page (inline CSS, PNGs embedded): the reason of each
@@ -15,12 +16,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pytest_rkv.contract import OBLIGATIONS, Label
+from pytest_rkv.evidence import ROW, EvidenceError, Row, read_row
 
 CODES = {
     Label.NATIVE.value: "N",
@@ -35,38 +36,87 @@ COLOURS = {"N": "#1a7f37", "A": "#4f7fd1", "S": "#c9a227", "R": "#cf222e", "?": 
 
 @dataclass
 class MatrixRow:
-    name: str
+    name: str  # the canonical backend id: one row per runtime
     label: str
     reason: str
     cells: dict[str, tuple[str | None, str]]  # obligation id -> (label, reason)
-    source: str  # path of the evidence (row.json or descriptor)
+    source: str  # path of the evidence (the bundle's row.json, else a descriptor)
     kind: str  # "run" or "static"
     timeline: list[dict] = field(default_factory=list)
     timeline_from: str = ""
+    runtime: str = ""  # "vllm 0.32.0"
+    proposals: list[tuple[str, str]] = field(default_factory=list)  # (descriptor path, its checked label)
+
+
+# Lowest first: a cell is the lowest of the run's label and what the checker gives each
+# proposal (which is never above the run's label, but may be a rejected mapping).
+_ORDER = [Label.REJECTED.value, Label.UNKNOWN.value, Label.APPROXIMATION.value, Label.ADAPTER.value,
+          Label.NATIVE.value]
+
+
+def _lowest(a: str | None, b: str | None) -> str | None:
+    if a is None or b is None:  # not applicable in one: the other decides
+        return b if a is None else a
+    return min(a, b, key=_ORDER.index)
 
 
 def row_from_bundle(path: Path) -> MatrixRow:
-    row_path = path / "row.json" if path.is_dir() else path
-    row = json.loads(row_path.read_text())
-    cells = {ob.id: (row["obligations"].get(ob.id, {}).get("label"), row["obligations"].get(ob.id, {}).get("reason", ""))
+    row = read_row(path)
+    row_path = path / ROW if path.is_dir() else path
+    cells = {ob.id: (_value(row.obligations[ob.id].label) if ob.id in row.obligations else None,
+                     row.obligations[ob.id].reason if ob.id in row.obligations else "")
              for ob in OBLIGATIONS}
     timeline, source = _timeline(row)
     return MatrixRow(
-        name=f"{row['backend']} ({row.get('runtime')} {row.get('runtime_version') or ''})".strip(),
-        label=row["label"], reason=row["reason"], cells=cells, source=str(row_path),
+        name=row.backend, label=row.label.value, reason=row.reason, cells=cells, source=str(row_path),
         kind="run", timeline=timeline, timeline_from=source,
+        runtime=f"{row.runtime} {row.runtime_version or ''}".strip(),
     )
 
 
-def _timeline(row: dict) -> tuple[list[dict], str]:
+def runtime_rows(bundles: list[Path], checks: list["RowCheck"]) -> list[MatrixRow]:
+    """One row per canonical backend id. A run-backed runtime: the run's labels, each cell
+    lowered (never raised) by what the checker gives its descriptors' proposals, which are
+    linked from the row. A runtime with no run: its descriptors' static labels."""
+    rows: dict[str, MatrixRow] = {}
+    for path in bundles:
+        r = row_from_bundle(path)
+        if r.name in rows:
+            raise EvidenceError(f"two bundles for backend {r.name}: {rows[r.name].source} and {r.source}")
+        rows[r.name] = r
+    for check in checks:
+        r = rows.get(check.backend)
+        if r is None:
+            rows[check.backend] = r = MatrixRow(
+                name=check.backend, label=check.label.value, reason=check.reason,
+                cells={ob_id: (_value(c.label), "; ".join(f.text for f in c.findings) or "-")
+                       for ob_id, c in check.obligations.items()},
+                source=check.source or check.name, kind="static",
+                runtime=f"{check.runtime} {check.version}".strip())
+        else:
+            for ob_id, c in check.obligations.items():
+                label, reason = r.cells[ob_id]
+                lowered = _lowest(label, _value(c.label))
+                if lowered != label:
+                    reason = f"{reason}; lowered by {Path(check.source).name}: {c.reason}"
+                r.cells[ob_id] = (lowered, reason)
+            lowered = _lowest(r.label, check.label.value)
+            if lowered != r.label:
+                r.label, r.reason = lowered, f"{r.reason}; lowered by {Path(check.source).name}: {check.reason}"
+        r.proposals.append((check.source, check.label.value))
+    return sorted(rows.values(), key=lambda r: (r.kind != "run", r.name))
+
+
+def _timeline(row: Row) -> tuple[list[dict], str]:
     """The canonical probe's timeline: from the claim test when the backend has claims,
     else from the same probe without a claim (stock behaviour)."""
-    for test in row["obligations"].get("active-refusal", {}).get("tests", []):
-        if test.get("evidence", {}).get("timeline"):
-            return test["evidence"]["timeline"], "60-block hard claim, 70-block prefill"
-    for test in row["substrates"].get("eviction_observable", {}).get("tests", []):
-        if test.get("evidence", {}).get("timeline"):
-            return test["evidence"]["timeline"], "no claim API: 60-block cached prompt, 70-block prefill"
+    for ob_id, entry in (("active-refusal", row.obligations.get("active-refusal")),
+                         ("eviction_observable", row.substrates.get("eviction_observable"))):
+        for test in entry.tests if entry else []:
+            if test.evidence.get("timeline"):
+                what = ("60-block hard claim, 70-block prefill" if ob_id == "active-refusal"
+                        else "no claim API: 60-block cached prompt, 70-block prefill")
+                return test.evidence["timeline"], what
     return [], ""
 
 
@@ -106,15 +156,6 @@ def _value(label: Label | None) -> str | None:
     return label.value if label is not None else None
 
 
-def row_from_check(check: "RowCheck") -> MatrixRow:
-    """A descriptor row (static, or checked against run evidence) for the matrix."""
-    cells = {ob_id: (_value(c.label), "; ".join(f.text for f in c.findings) or "-")
-             for ob_id, c in check.obligations.items()}
-    kind = "static" if check.evidence == "static" else "descriptor + run"
-    return MatrixRow(name=check.name, label=check.label.value, reason=check.reason, cells=cells,
-                     source=check.source or check.name, kind=kind)
-
-
 # -- Markdown -------------------------------------------------------------------------
 
 
@@ -135,7 +176,9 @@ def markdown(rows: list[MatrixRow]) -> str:
         lines.append(f"| {r.name} ({r.kind}) | {r.label} | {codes} |")
     lines += ["", "## Reasons", ""]
     for r in rows:
-        lines += [f"### {r.name}", "", f"{r.label}: {r.reason} (evidence: `{_shown(r.source)}`)", ""]
+        lines += [f"### {r.name}", "", f"{r.runtime}. {r.label}: {r.reason} (evidence: `{_shown(r.source)}`)", ""]
+        lines += [f"Proposal `{_shown(src)}`: {label}." for src, label in r.proposals]
+        lines += [""] if r.proposals else []
         lines += [f"- `{ob_id}`: {label or 'not applicable'}: {reason}" for ob_id, (label, reason) in r.cells.items()]
         if r.timeline:
             lines += ["", f"Canonical probe ({r.timeline_from}): " + "; ".join(
@@ -198,7 +241,9 @@ def html_page(rows: list[MatrixRow], base: Path | None = None) -> str:
                 f"<details><summary>{code}</summary><span>{esc(label or 'not applicable')}: {esc(reason)}</span></details></td>"
             )
         body.append(
-            f"<tr><th class='r'><a href='{esc(link)}'>{esc(r.name)}</a><br><small>{esc(r.kind)}</small></th>"
+            f"<tr><th class='r'><a href='{esc(link)}'>{esc(r.name)}</a><br><small>{esc(r.runtime)} · {esc(r.kind)}</small>"
+            + "".join(f"<br><small><a href='{esc(_link(src, base))}'>proposal {esc(Path(src).stem)}</a>: {esc(lab)}</small>"
+                      for src, lab in r.proposals) + "</th>"
             f"<td title='{esc(r.reason)}'><b>{esc(r.label)}</b></td>{''.join(cells)}</tr>"
         )
     plots = []

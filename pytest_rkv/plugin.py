@@ -25,12 +25,13 @@ from pytest_rkv.drivers.base import Driver, DriverSettings
 from pytest_rkv.drivers.process import stop_all
 from pytest_rkv.drivers.registry import driver_class
 from pytest_rkv.errors import NotApplicable, Unsupported
-from pytest_rkv.bundle import RowCollector, bundle_dir
-from pytest_rkv.report import RESULT_KEY
+from pytest_rkv.drivers.recording import Recorder
+from pytest_rkv.report import RESULT_KEY, ReportDirError, RowCollector, claim_bundle_dir, prepare
 from pytest_rkv.workload import Probe
 
 CONFIG_KEY = pytest.StashKey[RkvConfig]()
 EVIDENCE_KEY = pytest.StashKey[dict]()
+RECORDER_KEY = pytest.StashKey[Recorder]()  # the test's transcript of Driver calls
 RUNTIMES_KEY = pytest.StashKey[dict]()  # backend name -> describe() dict, per process
 CURSORS_KEY = pytest.StashKey[dict]()  # backend name -> last block-event seq captured
 
@@ -92,9 +93,15 @@ def pytest_configure(config: pytest.Config) -> None:
             }
 
         # Empty the bundle directories only for a run that asked for rows explicitly: an
-        # unrelated suite in a project with this plugin installed must touch nothing.
+        # unrelated suite in a project with this plugin installed must touch nothing. Only
+        # a folder the suite created (its marker) is ever emptied.
         explicit = rkv_config.certify or config.getoption("rkv_backend") is not None
-        collector = RowCollector(rkv_config.report_dir, rkv_config.backends, run_facts, clean=explicit,
+        if explicit:
+            try:
+                prepare(rkv_config.report_dir, rkv_config.backends)
+            except (ReportDirError, OSError) as exc:
+                raise pytest.UsageError(f"pytest-rkv refuses to start: {exc}") from None
+        collector = RowCollector(rkv_config.report_dir, rkv_config.backends, run_facts,
                                  descriptors=rkv_config.descriptors)
         config.pluginmanager.register(collector, "rkv-rows")
         # Keep each backend's tests on one xdist worker, so no two processes share a pool.
@@ -173,7 +180,10 @@ def rkv_config(pytestconfig: pytest.Config) -> RkvConfig:
 def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_factory):
     """The started driver for one backend (session-scoped; parametrized by name)."""
     name = request.param
-    workdir = bundle_dir(rkv_config.report_dir, name)
+    try:
+        workdir = claim_bundle_dir(rkv_config.report_dir, name)
+    except ReportDirError as exc:
+        raise pytest.UsageError(str(exc)) from None
     worker = getattr(request.config, "workerinput", {}).get("workerid")
     if worker:  # under xdist each worker keeps its own logs and sockets
         workdir = workdir / worker
@@ -185,6 +195,7 @@ def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_
         model=rkv_config.model,
         startup_timeout=rkv_config.startup_timeout,
         reference_faults=rkv_config.reference_faults,
+        replay=rkv_config.replay,
     )
     driver = driver_class(name)(settings)
     request.addfinalizer(driver.stop)  # registered before start: a failed start cleans up too
@@ -195,11 +206,17 @@ def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_
 
 @pytest.fixture
 def rkv(request: pytest.FixtureRequest, rkv_backend: Driver) -> Probe:
-    """A clean pool on a live backend, and the probe vocabulary to use it."""
-    rkv_backend.check_alive()
-    rkv_backend.reset()
+    """A clean pool on a live backend, and the probe vocabulary to use it.
+
+    The test sees the driver through a `Recorder`: every call, these three included, goes
+    into the test's transcript (what `rkv verify` replays)."""
+    if hasattr(rkv_backend, "begin_test"):  # the replay backend serves this test's transcript
+        rkv_backend.begin_test(request.node.nodeid)
+    driver = request.node.stash[RECORDER_KEY] = Recorder(rkv_backend, request.node.nodeid)
+    driver.check_alive()
+    driver.reset()
     evidence = request.node.stash.setdefault(EVIDENCE_KEY, {})
-    return Probe(rkv_backend, rkv_backend.info(), evidence.__setitem__)
+    return Probe(driver, driver.info(), evidence.__setitem__)
 
 
 # -- outcomes -------------------------------------------------------------------------
@@ -259,19 +276,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             report.outcome = "skipped"
             report.longrepr = (str(path), (lineno or 0) + 1, f"{outcome.value}: {detail}")
         backend = callspec.params["rkv_backend"]
-        cls = driver_class(backend)
+        # An instance may label itself (the replay backend labels as the recorded backend).
+        driver = item.funcargs.get("rkv_backend") or driver_class(backend)
+        events = _capture_trace(item, backend) if report.when == "call" else []
+        recorder = item.stash.get(RECORDER_KEY, None)
         record = {
             "nodeid": item.nodeid,
             "backend": backend,
-            "depth": cls.depth,
-            "routed": cls.routed,
+            "depth": driver.depth,
+            "routed": driver.routed,
             "kind": subject.kind,
             "id": subject.id,
             "outcome": outcome.value,
             "detail": detail,
             "evidence": item.stash.get(EVIDENCE_KEY, {}),
             "runtime": item.config.stash[RUNTIMES_KEY].get(backend, {}),
-            "events": _capture_trace(item, backend) if report.when == "call" else [],
+            "events": events,
+            "calls": list(recorder.calls) if recorder is not None else [],
         }
         report.user_properties.append((RESULT_KEY, json.dumps(record, sort_keys=True)))
         item.user_properties[:] = [p for p in item.user_properties if p[0] not in ("rkv_outcome", RESULT_KEY)]

@@ -10,7 +10,7 @@ rm -rf "$bundles"
 # A failed obligation is evidence, not an error here: the verifier and the labels decide.
 # The run's own output goes to a log, so this script's output ends with the verdicts.
 mkdir -p "$bundles"
-python -m pytest --rkv-certify --rkv-backend="$backends" --rkv-report-dir "$bundles" \
+python -m pytest --rkv-certify --rkv-backend="$backends" --rkv-report-dir "$bundles" --rkv-startup-timeout 900 \
   -q -p no:cacheprovider > "$bundles/run.log" 2>&1 || true
 grep -A 30 "resident KV claims: rows" "$bundles/run.log" | grep -E "^[a-z].*\(.*depth" || true
 status=0

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-import pytest_rkv.label as label_module
+import pytest_rkv.checker as label_module
 from pytest_rkv.contract import Label, TestOutcome
 from pytest_rkv.descriptor import Evidence, SuiteCatalogue, load_evidence
-from pytest_rkv.label import FINDING_CODES, check_file
+from pytest_rkv.checker import FINDING_CODES, check_file
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "bad_lowerings"
@@ -134,7 +134,7 @@ ORIGINAL_OBLIGATION_LABEL = label_module.obligation_label
 ORIGINAL_COMBINE = label_module.combine
 
 MUTATIONS = {
-    # name: (attribute of pytest_rkv.label, weakened replacement, cases that must then fail)
+    # name: (attribute of pytest_rkv.checker, weakened replacement, cases that must then fail)
     "trust any pass without a trace": ("_trace_findings", _no_trace_checks, {
         "ttl-as-expiry", "host-offload-as-restore", "block-events-as-lifecycle", "block-removed-as-harm",
         "routing-score-as-placement", "prefix-hit-counter-as-reuse", "recompute-as-materialization",

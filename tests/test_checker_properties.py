@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 from pytest_rkv.contract import OBLIGATIONS, Label
 from pytest_rkv.descriptor import Evidence, SuiteCatalogue, parse_descriptor, suite_key
-from pytest_rkv.label import TRACE_NEEDS, check_data, check_lowering
-from pytest_rkv.report import events_digest
+from pytest_rkv.checker import TRACE_NEEDS, check_data, check_lowering
+from pytest_rkv.evidence import events_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = Path(__file__).resolve().parent / "bad_lowerings" / "adapter-claims-native"
@@ -162,9 +162,11 @@ def labels(result) -> dict:
 
 
 def coarse_removals(descriptor: dict, row: dict, trace: list) -> list[tuple[str, dict, dict | None, list | None]]:
-    """Removals of whole pieces of evidence: the row, the trace, one test's trace, a substrate or
-    probe entry. Few enough to try them all on every example."""
-    out = [("the row", descriptor, None, trace), ("the trace", descriptor, row, None)]
+    """Removals of whole pieces of evidence: the trace, one test's trace, a substrate or probe
+    entry. Few enough to try them all on every example. (Removing the whole row is not one of
+    them: a run may earn less than the anchors alone suggest, and the checker never raises
+    what the run earned; `test_a_run_backed_label_is_never_above_the_run_s_own` holds that.)"""
+    out = [("the trace", descriptor, row, None)]
     for nodeid in sorted({e["test"] for e in trace}):
         out.append((f"the trace of {nodeid}", descriptor, row, [e for e in trace if e["test"] != nodeid]))
     for section in ("substrates", "lowerings"):
@@ -208,6 +210,22 @@ def test_removing_an_anchor_or_evidence_never_raises_a_label(descriptor, run, da
         after = labels(check(d, r, t))
         for key in before:
             assert not_raised(after[key], before[key]), f"removing {what} raised {key}: {before[key]} -> {after[key]}"
+
+
+@FAST
+@given(descriptor=descriptors(), run=runs())
+def test_a_run_backed_label_is_never_above_the_run_s_own(descriptor, run):
+    from pytest_rkv.checker import _read_run, run_label
+
+    row, trace = run
+    result = check(descriptor, row, trace)
+    parsed, _ = _read_run(Evidence(row=row, trace=trace))
+    if parsed is None:
+        return
+    for ob_id, c in result.obligations.items():
+        earned = run_label(ob_id, parsed)
+        if c.label not in (None, Label.REJECTED) and earned is not None:
+            assert not_raised(c.label, earned), f"{ob_id}: {c.label} above the run's {earned}"
 
 
 @FAST
@@ -322,7 +340,7 @@ FIELDS = ["schema", "backend", "runtime", "surfaces", "lowerings", "name", "rout
           "test", "block_hashes", "tier", "from_state", "to_state", "blocking_claims", "evidence"]
 NEAR_JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(
-        ["pytest-rkv/row/1", "pytest-rkv/descriptor/1", "passed", "failed", "native", "adapter", "claim.accepted",
+        ["pytest-rkv/row/2", "pytest-rkv/descriptor/1", "passed", "failed", "native", "adapter", "claim.accepted",
          "blocks.stored", "blocks.evicted", "host", "c1", "v1", "native conformance", "request-priority"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(FIELDS), inner, max_size=6),
     max_leaves=30,

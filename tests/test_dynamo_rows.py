@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from pytest_rkv.bundle import bundle_dir, verify
-from pytest_rkv.label import check_file
+from pytest_rkv.evidence import bundle_dir
+from pytest_rkv.verify import verify
+from pytest_rkv.checker import check_file
 from tests.conftest import SUITES
 from tests.runtimes import require_backend
 

@@ -16,7 +16,8 @@ from tests.runtimes import require_backend
 
 pytestmark = require_backend("vllm", "vllm+rkv")
 
-from pytest_rkv.bundle import bundle_dir, verify  # noqa: E402
+from pytest_rkv.evidence import bundle_dir  # noqa: E402
+from pytest_rkv.verify import verify  # noqa: E402
 from tests.conftest import SUITES  # noqa: E402
 
 BACKENDS = ("reference", "vllm", "vllm+rkv")

@@ -66,6 +66,7 @@ class DriverSettings:
     # (a runtime that queues a request it can neither admit nor refuse).
     refusal_timeout: float = 30.0
     reference_faults: frozenset[str] = frozenset()
+    replay: Path | None = None  # the bundle the replay backend serves (rkv verify)
 
 
 @dataclass(frozen=True)

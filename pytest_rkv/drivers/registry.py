@@ -66,7 +66,14 @@ def installed() -> dict[str, Backend]:
     return dict(sorted(found.items()))
 
 
+# `rkv verify`'s own backend: it serves a bundle's transcript, it is not a runtime, so it is
+# not registered in the group (never listed by `rkv backends`; --rkv-certify refuses it).
+VERIFIER_BACKENDS = {"replay": "pytest_rkv.drivers.recording:ReplayDriver"}
+
+
 def lookup(name: str) -> Backend:
+    if name in VERIFIER_BACKENDS:
+        return Backend(name, VERIFIER_BACKENDS[name], "pytest-rkv", metadata.version("pytest-rkv"), ())
     backends = installed()
     if name not in backends:
         raise UnknownBackend(
