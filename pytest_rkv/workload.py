@@ -23,6 +23,7 @@ from pytest_rkv.contract import (
     RuntimeInfo,
 )
 from pytest_rkv.drivers.base import Driver, Reply
+from pytest_rkv.errors import NoAnswer
 
 # The canonical probe (in blocks): a pool of 80 usable blocks, a 60-block resident claim,
 # a 70-block active prefill. 60 + 70 > 80, so they cannot both fit.
@@ -116,13 +117,30 @@ class Probe:
         return claim
 
     def run(self, tag: str, blocks: int, *, extra_tokens: int = 0, max_tokens: int = 1,
-            claim_id: str | None = None, label: str | None = None) -> tuple[str, Reply[Completion]]:
-        """Send a completion for `blocks` blocks of prompt `tag` (+ extra tokens)."""
+            claim_id: str | None = None, label: str | None = None,
+            held: Claim | None = None) -> tuple[str, Reply[Completion]]:
+        """Send a completion for `blocks` blocks of prompt `tag` (+ extra tokens).
+
+        The runtime must answer it, admitted or refused, within the bounded wait
+        (`--rkv-refusal-timeout`). One that leaves it unanswered fails the test; the
+        evidence is the wait, the absent refusal, and whether the claim `held` (if the
+        test names one) is still held once the wait is over."""
         rid = self.request_id(label or tag)
-        reply = self.driver.complete(CompletionRequest(
-            prompt=self.tokens(tag, blocks, extra_tokens), max_tokens=max_tokens,
-            claim_id=claim_id, request_id=rid,
-        ))
+        try:
+            reply = self.driver.complete(CompletionRequest(
+                prompt=self.tokens(tag, blocks, extra_tokens), max_tokens=max_tokens,
+                claim_id=claim_id, request_id=rid,
+            ))
+        except NoAnswer as exc:
+            state = "no claim named"
+            if held is not None:
+                now = self.driver.get_claim(held.claim_id).unwrap()
+                kept = now.state.value == "resident" and now.resident_blocks == held.blocks
+                state = (f"claim {held.claim_id} {'still held' if kept else 'not held'} "
+                         f"({now.state.value}, {now.resident_blocks} of {held.blocks} blocks resident)")
+            self.record("no_answer", {"request_id": rid, "waited_s": exc.waited_s, "refusal": None,
+                                      "claim": state, "detail": exc.detail})
+            raise AssertionError(f"request {rid}: no answer in {exc.waited_s:g} s; no refusal; {state}") from None
         return rid, reply
 
     def reuse_query(self, tag: str, blocks: int, **kw) -> tuple[str, Reply[Completion]]:

@@ -92,7 +92,7 @@ def test_release_ends_protection_at_once(rkv):
 def test_expired_claim_stops_protecting(rkv):
     ttl = 1.0
     claim = rkv.accepted("expiring", RESIDENT_BLOCKS, ttl_s=ttl)
-    _, before = rkv.run("active", ACTIVE_BLOCKS, label="before-expiry")
+    _, before = rkv.run("active", ACTIVE_BLOCKS, label="before-expiry", held=claim)
     assert not before.ok, "before its TTL the hard claim must still protect its blocks"
     rkv.driver.wait(ttl * 1.5)
     state = rkv.driver.get_claim(claim.claim_id).unwrap().state

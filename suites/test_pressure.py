@@ -13,7 +13,7 @@ def test_canonical_probe_refuses_the_active_request_and_names_the_claim(rkv):
     claim = rkv.accepted("resident", RESIDENT_BLOCKS)
     timeline.resident_written(f"{RESIDENT_BLOCKS}-block hard claim resident")
     mark = rkv.mark()
-    rid, active = rkv.run("active", ACTIVE_BLOCKS)
+    rid, active = rkv.run("active", ACTIVE_BLOCKS, held=claim)
     timeline.active_ran(f"{ACTIVE_BLOCKS}-block prefill", admitted=active.ok)
     after = rkv.driver.get_claim(claim.claim_id).unwrap()
     _, again = rkv.reuse_query("resident", RESIDENT_BLOCKS)

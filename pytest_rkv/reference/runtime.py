@@ -65,7 +65,24 @@ FAULT_MODES: dict[str, str] = {
     "global_reuse_counter": "reuse-attribution: reuse shows only in cached_tokens",
     "reuse_past_last_block": "reuse-attribution: a full-prompt hit counts the recomputed last block as reused",
     "no_request_events": "trace-reconstruction: request outcomes are not logged",
+    "queue_blocked_requests": "active-refusal: a request blocked by hard claims waits forever, unanswered",
 }
+
+
+class Parked(Exception):
+    """Internal: the `queue_blocked_requests` fault holds a request with no answer."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(request_id)
+        self.request_id = request_id
+
+
+def park_forever(request_id: str) -> None:
+    """What a runtime that queues a request it can neither admit nor refuse looks like
+    from outside: the caller's thread never gets an answer (bounded at an hour, so a
+    forgotten server thread cannot outlive every reasonable stop)."""
+    threading.Event().wait(3600)
+    raise RuntimeError(f"request {request_id} parked for an hour")
 
 
 class ApiError(Exception):
@@ -117,6 +134,7 @@ class MicroRuntime:
         clock: Callable[[], float] = time.monotonic,
         faults: frozenset[str] = frozenset(),
         fault_injection: bool = True,
+        park: Callable[[str], None] = park_forever,
     ) -> None:
         unknown = set(faults) - set(FAULT_MODES)
         if unknown:
@@ -126,6 +144,7 @@ class MicroRuntime:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.claim_budget_blocks, self.host_blocks = claim_budget_blocks, host_blocks
         self.clock, self.faults, self.fault_injection = clock, frozenset(faults), fault_injection
+        self.park = park  # called, outside the lock, for a request the fault leaves unanswered
         self._lock = threading.RLock()
         self.reset()
 
@@ -454,11 +473,15 @@ class MicroRuntime:
         return False
 
     def complete(self, req: CompletionRequest) -> Completion:
-        with self._lock:
-            try:
-                return self._complete(req)
-            finally:
-                self._flush()
+        try:
+            with self._lock:
+                try:
+                    return self._complete(req)
+                finally:
+                    self._flush()
+        except Parked as parked:
+            self.park(parked.request_id)
+            raise
 
     def _complete(self, req: CompletionRequest) -> Completion:
         self._expire()
@@ -485,6 +508,8 @@ class MicroRuntime:
         ]
         plan = self._plan_room(needed - len(hit), keep=set(hit))
         if plan is None:
+            if "queue_blocked_requests" in self.faults:
+                raise Parked(request_id)
             raise self._refusal(needed - len(hit), set(hit), request_id)
         self._make_room(plan, request_id)
 
