@@ -22,6 +22,8 @@ dependency: `pip install mutmut==3.8.1`). Takes minutes; run it under `nice`.
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
 import os
 import re
@@ -55,6 +57,102 @@ def copy_checkout(dest: Path) -> None:
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
+
+
+# -- fault-mode code -------------------------------------------------------------------
+# The reference runtime's fault modes (`FAULT_MODES`) sit in the claim logic as branches
+# taken only when a fault is switched on. The released suite runs the runtime with no
+# fault, so a mutant inside such a branch cannot change any outcome: it is equivalent for
+# this measure (tests/test_fault_modes.py is what exercises those branches). They are
+# found from the syntax tree, never by hand.
+
+FAULT_ONLY_DEFS = {"park_forever", "Parked"}  # exist only for the queue_blocked_requests fault
+
+
+def _requires_fault(test: ast.AST) -> bool:
+    """Whether `test` can be true only with some fault mode on (`"x" in self.faults`,
+    combined by `and` with anything, or by `or` with more such tests)."""
+    if isinstance(test, ast.Compare):
+        return [type(op) for op in test.ops] == [ast.In] and "faults" in ast.unparse(test.comparators[0])
+    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
+        return any(_requires_fault(v) for v in test.values)
+    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.Or):
+        return all(_requires_fault(v) for v in test.values)
+    return False
+
+
+def fault_only_spans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """(start, end) positions, as (line, col), of code that runs only under a fault mode."""
+    spans = []
+
+    def span(first: ast.AST, last: ast.AST | None = None) -> None:
+        last = last or first
+        spans.append(((first.lineno, first.col_offset), (last.end_lineno, last.end_col_offset)))
+
+    tree = ast.parse(source)
+    fault_names: set[str] = set()
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and any(getattr(t, "id", None) == "FAULT_MODES" for t in targets):
+            fault_names = {k.value for k in node.value.keys}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name in FAULT_ONLY_DEFS:
+            span(node)
+        elif isinstance(node, ast.If) and _requires_fault(node.test):
+            span(node.body[0], node.body[-1])
+        elif isinstance(node, ast.IfExp) and _requires_fault(node.test):
+            span(node.body)
+        elif isinstance(node, ast.BoolOp) and isinstance(node.op, ast.And) and _requires_fault(node.values[0]):
+            span(node.values[1], node.values[-1])
+        elif isinstance(node, ast.Constant) and node.value in fault_names:
+            span(node)
+    return spans
+
+
+def _definition(tree: ast.Module, name: str) -> ast.AST | None:
+    """The def a mutmut name points at: `mod.x_func__mutmut_3` or `mod.xǁClassǁmethod__mutmut_3`."""
+    short = name.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
+    cls, _, func = short[1:].partition("ǁ")[2].partition("ǁ") if short.startswith("xǁ") else ("", "", short[2:])
+    scope = tree.body
+    if cls:
+        scope = next((n.body for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), [])
+    return next((n for n in scope if isinstance(n, ast.FunctionDef) and n.name == func), None)
+
+
+def is_fault_only(name: str, diff: str, sources: dict[str, str]) -> bool:
+    """Whether the first line this mutant changes lies, at the changed columns, in fault-mode code."""
+    module = name.rsplit(".", 1)[0]
+    source = sources.get(module)
+    hunk = re.search(r"^@@ -(\d+)", diff, re.MULTILINE)
+    if source is None or hunk is None:
+        return False
+    func = _definition(ast.parse(source), name)
+    if func is None:
+        return False
+    line_in_func, old, new = int(hunk.group(1)), None, None
+    for line in diff[hunk.end():].splitlines()[1:]:
+        if line.startswith("-") and old is None:
+            old = line[1:]
+        elif line.startswith("+") and old is not None:
+            new = line[1:]
+            break
+        elif old is None and line.startswith(" "):
+            line_in_func += 1
+    if old is None or new is None:
+        return False
+    # mutmut prints the function as it re-renders it, which can differ from the file by a
+    # line or two: take the matching line of the def nearest to where the hunk says
+    lines = source.splitlines()
+    guess = func.lineno + line_in_func - 1
+    matches = [n for n in range(func.lineno, func.end_lineno + 1) if lines[n - 1].strip() == old.strip()]
+    if not matches:
+        return False
+    lineno = min(matches, key=lambda n: abs(n - guess))
+    file_line = lines[lineno - 1]
+    shift = (len(file_line) - len(file_line.lstrip())) - (len(old) - len(old.lstrip()))
+    ops = [op for op in difflib.SequenceMatcher(None, old, new).get_opcodes() if op[0] != "equal"]
+    first, last = ops[0][1] + shift, max(ops[-1][2] + shift - 1, ops[0][1] + shift)
+    return any(start <= (lineno, first) and (lineno, last) < end for start, end in fault_only_spans(source))
 
 
 def load_equivalent() -> dict[str, str]:
@@ -99,24 +197,30 @@ def main() -> int:
     listing = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, env=env,
                              capture_output=True, text=True, check=True).stdout
     status = dict(re.findall(r"^\s+(\S+): (\w[\w ]*)$", listing, re.MULTILINE))
+    sources = {m[:-3].replace("/", "."): (work / m).read_text() for m in MUTATED}
     equivalent = load_equivalent()
     killed = [n for n, s in status.items() if s in ("killed", "timeout")]
-    equiv = [n for n, s in status.items() if n in equivalent and s not in ("killed", "timeout")]
-    survivors = sorted(n for n, s in status.items() if s not in ("killed", "timeout") and n not in equivalent)
+    diffs = {n: subprocess.run([*mutmut, "show", n], cwd=work, env=env, capture_output=True, text=True).stdout
+             for n, s in status.items() if s not in ("killed", "timeout")}
+    fault_only = sorted(n for n, d in diffs.items() if is_fault_only(n, d, sources))
+    listed = sorted(n for n in diffs if n in equivalent and n not in fault_only)
+    survivors = sorted(n for n in diffs if n not in equivalent and n not in fault_only)
     total = len(status)
-    score = len(killed) / max(1, total - len(equiv))
-    print(f"\nmutants {total}: killed {len(killed)}, equivalent {len(equiv)}, other survivors {len(survivors)}")
+    equiv = len(fault_only) + len(listed)
+    score = len(killed) / max(1, total - equiv)
+    print(f"\nmutants {total}: killed {len(killed)}, fault-mode-only {len(fault_only)}, "
+          f"listed equivalent {len(listed)}, other survivors {len(survivors)}")
     print(f"raw score {len(killed)}/{total} = {len(killed) / max(1, total):.1%}; "
-          f"score over non-equivalent {len(killed)}/{total - len(equiv)} = {score:.1%}")
-    diffs = {}
+          f"score over non-equivalent {len(killed)}/{total - equiv} = {score:.1%}")
+    for name in listed:
+        print(f"  equivalent {name}: {equivalent[name]}")
     for name in survivors:
-        diffs[name] = subprocess.run([*mutmut, "show", name], cwd=work, env=env,
-                                     capture_output=True, text=True).stdout
         print(f"\n## {name}: {status[name]}\n{diffs[name]}")
     if args.json:
         args.json.write_text(json.dumps({
-            "workdir": str(work), "total": total, "killed": len(killed), "equivalent": len(equiv),
-            "score": score, "status": status, "survivors": diffs,
+            "workdir": str(work), "total": total, "killed": len(killed), "fault_only": fault_only,
+            "equivalent": {n: equivalent[n] for n in listed}, "score": score, "status": status,
+            "survivors": {n: diffs[n] for n in survivors},
         }, indent=1))
     return 0
 

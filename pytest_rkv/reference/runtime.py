@@ -381,7 +381,9 @@ class MicroRuntime:
                 fields=[{"loc": ["prompt_token_ids"], "msg": "shorter than one block"}],
             ))
         held = sum(len(c.hashes) for c in self._live())
-        over_budget = held + len(hashes) > self.claim_budget_blocks - ("budget_off_by_one" in self.faults)
+        over_budget = held + len(hashes) > self.claim_budget_blocks
+        if "budget_off_by_one" in self.faults:
+            over_budget = held + len(hashes) >= self.claim_budget_blocks
         if over_budget and "half_admit" in self.faults and held < self.claim_budget_blocks:
             hashes = hashes[: self.claim_budget_blocks - held]
             over_budget = False
