@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,6 +156,29 @@ def is_fault_only(name: str, diff: str, sources: dict[str, str]) -> bool:
     return any(start <= (lineno, first) and (lineno, last) < end for start, end in fault_only_spans(source))
 
 
+def mutant_diffs(work: Path) -> dict[str, str]:
+    """Every mutant's diff against its original function, read from mutmut's generated
+    `mutants/` sources (one parse per file, instead of one `mutmut show` process each)."""
+    diffs: dict[str, str] = {}
+    for rel in MUTATED:
+        text = (work / "mutants" / rel).read_text()
+        lines_of_file = text.splitlines()
+        module = rel[:-3].replace("/", ".")
+        funcs = {n.name: n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef) and "__mutmut_" in n.name}
+        for name, node in funcs.items():
+            base, _, tag = name.rpartition("__mutmut_")
+            orig = funcs.get(f"{base}__mutmut_orig")
+            if tag == "orig" or orig is None:
+                continue
+
+            def body(n: ast.FunctionDef) -> list[str]:
+                lines = textwrap.dedent("\n".join(lines_of_file[n.lineno - 1:n.end_lineno])).splitlines()
+                return [re.sub(r"^def \S+?\(", "def f(", lines[0]), *lines[1:]]
+
+            diffs[f"{module}.{name}"] = "\n".join(difflib.unified_diff(body(orig), body(node), rel, rel, lineterm=""))
+    return diffs
+
+
 def load_equivalent() -> dict[str, str]:
     found: dict[str, str] = {}
     if EQUIVALENT.exists():
@@ -200,8 +224,8 @@ def main() -> int:
     sources = {m[:-3].replace("/", "."): (work / m).read_text() for m in MUTATED}
     equivalent = load_equivalent()
     killed = [n for n, s in status.items() if s in ("killed", "timeout")]
-    diffs = {n: subprocess.run([*mutmut, "show", n], cwd=work, env=env, capture_output=True, text=True).stdout
-             for n, s in status.items() if s not in ("killed", "timeout")}
+    every_diff = mutant_diffs(work)
+    diffs = {n: every_diff.get(n, "") for n, s in status.items() if s not in ("killed", "timeout")}
     fault_only = sorted(n for n, d in diffs.items() if is_fault_only(n, d, sources))
     listed = sorted(n for n in diffs if n in equivalent and n not in fault_only)
     survivors = sorted(n for n in diffs if n not in equivalent and n not in fault_only)
