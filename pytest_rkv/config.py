@@ -27,6 +27,12 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
     "block-size": ("tokens per KV block (default: the backend's own; vLLM: 32 on CPU, 16 on GPU)", None),
     "model": ("model path or hub id for real-runtime backends (default: a generated tiny model)", None),
     "startup-timeout": ("seconds a backend server may take to become ready", "240"),
+    "refusal-timeout": (
+        "seconds a completion may stay unanswered before the test records that the runtime "
+        "neither admitted nor refused it (a failed active refusal, not a harness error); "
+        "30 s is ample for a GPU runtime and keeps CI fast",
+        "30",
+    ),
     "descriptors": (
         "directory of lowering descriptors; each backend's bundle gets its descriptors and "
         "their checked labels (default: the descriptors installed with pytest-rkv)",
@@ -49,6 +55,7 @@ class RkvConfig:
     block_size: int | None
     model: str | None
     startup_timeout: float
+    refusal_timeout: float
     reference_faults: frozenset[str]
     certify: bool
     descriptors: Path | None
@@ -108,6 +115,13 @@ def get_config(config: pytest.Config) -> RkvConfig:
         ) from None
     if block_size_n is not None and block_size_n < 1:
         raise pytest.UsageError(f"--rkv-block-size must be positive, got {block_size_n}")
+    refusal = _value(config, "refusal-timeout") or "30"
+    try:
+        refusal_s = float(refusal)
+    except ValueError:
+        refusal_s = float("nan")
+    if not refusal_s > 0 or refusal_s == float("inf"):
+        raise pytest.UsageError(f"--rkv-refusal-timeout must be a positive number of seconds, got {refusal!r}")
 
     faults = frozenset(_split(_value(config, "reference-fault")))
     unknown = faults - set(FAULT_MODES)
@@ -144,6 +158,7 @@ def get_config(config: pytest.Config) -> RkvConfig:
         block_size=block_size_n,
         model=_value(config, "model"),
         startup_timeout=startup_s,
+        refusal_timeout=refusal_s,
         reference_faults=faults,
         certify=bool(config.getoption("rkv_certify") or config.getini("rkv_certify")),
         descriptors=descriptors_dir,

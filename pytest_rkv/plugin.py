@@ -194,6 +194,7 @@ def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_
         block_size=rkv_config.block_size,
         model=rkv_config.model,
         startup_timeout=rkv_config.startup_timeout,
+        refusal_timeout=rkv_config.refusal_timeout,
         reference_faults=rkv_config.reference_faults,
         replay=rkv_config.replay,
     )

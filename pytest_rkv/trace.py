@@ -76,6 +76,7 @@ class Reconstruction:
     claims: dict[str, ClaimStory] = field(default_factory=dict)
     requests: dict[str, RequestStory] = field(default_factory=dict)
     refused_claim_requests: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)  # events whose type and states disagree
 
     def outcomes(self) -> set[str]:
         found: set[str] = set()
@@ -127,8 +128,16 @@ def reconstruct(events: Iterable[Event]) -> Reconstruction:
         if not e.claim_id or t not in EVENT_TRANSITIONS:
             continue
         story = claim(e.claim_id)
-        if e.to_state is not None:
-            story.states.append(e.to_state.value)
+        # The states are read too: an event whose from/to contradicts its type (or the
+        # claim's state so far) tells a different story than its type, so it is named.
+        allowed_from, to_state = EVENT_TRANSITIONS[t]
+        current = ClaimState(story.states[-1]) if story.states else None
+        if e.to_state != to_state or e.from_state != current or current not in allowed_from:
+            out.problems.append(
+                f"seq {e.seq}: {t.value} of {e.claim_id} says {_name(e.from_state)} -> {_name(e.to_state)}, "
+                f"the claim was {_name(current)} and the event means -> {to_state.value}"
+            )
+        story.states.append(to_state.value)
         if t == EventType.CLAIM_MATERIALIZED:
             story.outcomes.add("accepted_hard_claims")
         elif t in (EventType.CLAIM_MATERIALIZATION_FAILED, EventType.CLAIM_RESTORE_FAILED):

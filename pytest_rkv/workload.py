@@ -20,9 +20,12 @@ from pytest_rkv.contract import (
     CompletionRequest,
     Event,
     EventType,
+    PoolState,
     RuntimeInfo,
 )
 from pytest_rkv.drivers.base import Driver, Reply
+from pytest_rkv.errors import NoAnswer
+from pytest_rkv.trace import order_problems
 
 # The canonical probe (in blocks): a pool of 80 usable blocks, a 60-block resident claim,
 # a 70-block active prefill. 60 + 70 > 80, so they cannot both fit.
@@ -92,6 +95,7 @@ class Probe:
         self.block_size = info.block_size
         self._record = record
         self._requests = 0
+        self._pool_steps: list[dict] = []
 
     # -- prompts ---------------------------------------------------------------------
     def tokens(self, tag: str, blocks: int, extra_tokens: int = 0) -> list[int]:
@@ -116,13 +120,30 @@ class Probe:
         return claim
 
     def run(self, tag: str, blocks: int, *, extra_tokens: int = 0, max_tokens: int = 1,
-            claim_id: str | None = None, label: str | None = None) -> tuple[str, Reply[Completion]]:
-        """Send a completion for `blocks` blocks of prompt `tag` (+ extra tokens)."""
+            claim_id: str | None = None, label: str | None = None,
+            held: Claim | None = None) -> tuple[str, Reply[Completion]]:
+        """Send a completion for `blocks` blocks of prompt `tag` (+ extra tokens).
+
+        The runtime must answer it, admitted or refused, within the bounded wait
+        (`--rkv-refusal-timeout`). One that leaves it unanswered fails the test; the
+        evidence is the wait, the absent refusal, and whether the claim `held` (if the
+        test names one) is still held once the wait is over."""
         rid = self.request_id(label or tag)
-        reply = self.driver.complete(CompletionRequest(
-            prompt=self.tokens(tag, blocks, extra_tokens), max_tokens=max_tokens,
-            claim_id=claim_id, request_id=rid,
-        ))
+        try:
+            reply = self.driver.complete(CompletionRequest(
+                prompt=self.tokens(tag, blocks, extra_tokens), max_tokens=max_tokens,
+                claim_id=claim_id, request_id=rid,
+            ))
+        except NoAnswer as exc:
+            state = "no claim named"
+            if held is not None:
+                now = self.driver.get_claim(held.claim_id).unwrap()
+                kept = now.state.value == "resident" and now.resident_blocks == held.blocks
+                state = (f"claim {held.claim_id} {'still held' if kept else 'not held'} "
+                         f"({now.state.value}, {now.resident_blocks} of {held.blocks} blocks resident)")
+            self.record("no_answer", {"request_id": rid, "waited_s": exc.waited_s, "refusal": None,
+                                      "claim": state, "detail": exc.detail})
+            raise AssertionError(f"request {rid}: no answer in {exc.waited_s:g} s; no refusal; {state}") from None
         return rid, reply
 
     def reuse_query(self, tag: str, blocks: int, **kw) -> tuple[str, Reply[Completion]]:
@@ -149,7 +170,62 @@ class Probe:
                    if e.type == EventType.BLOCKS_EVICTED)
 
     def events_since(self, mark: int = 0) -> list[Event]:
-        return self.driver.events(after=mark)
+        """The events with seq > mark. Every read also checks the whole trace so far: the
+        page holds exactly the events after `mark` (in order, none twice), and every
+        claim's events follow the lifecycle state machine (ordered-lifecycle holds on
+        every test's trace, not only on the one test named for it)."""
+        page = self.driver.events(after=mark)
+        trace = self.driver.events()
+        # events may arrive between the two reads: compare with the same number of events
+        expected = [e for e in trace if e.seq > mark][: len(page)]
+        assert page == expected, (
+            f"GET /v1/kv/events?after={mark} served seqs {[e.seq for e in page][:30]}, but the events "
+            f"with seq > {mark} are {[e.seq for e in expected][:30]}"
+        )
+        problems = order_problems(trace)
+        assert not problems, "the event trace breaks the claim state machine:\n" + "\n".join(problems[:10])
+        return page
+
+    def pool_adds_up(self, step: str) -> PoolState:
+        """The pool, checked at a moment when no request runs and no two claims share a
+        block: every block is free, cached, active or claimed, exactly once."""
+        pool = self.driver.pool()
+        claimed = sum(pool.claimed_blocks.values())
+        parts = (pool.free_blocks, pool.cached_blocks, pool.active_blocks, claimed)
+        self._pool_steps.append({"step": step, "free": parts[0], "cached": parts[1], "active": parts[2],
+                                 "claimed": parts[3], "total": pool.total_blocks})
+        self.record("pool_steps", self._pool_steps)
+        assert (pool.total_blocks, pool.block_size) == (self.info.total_blocks, self.block_size), (
+            f"{step}: the pool reports {pool.total_blocks} blocks of {pool.block_size} tokens, "
+            f"the runtime {self.info.total_blocks} of {self.block_size}"
+        )
+        assert min(parts) >= 0 and pool.active_blocks == 0 and sum(parts) == pool.total_blocks, (
+            f"{step}: free {parts[0]} + cached {parts[1]} + active {parts[2]} + claimed {parts[3]} = "
+            f"{sum(parts)}, but the pool has {pool.total_blocks} blocks and no request is running"
+        )
+        return pool
+
+    def stays_ended(self, claim: Claim, tag: str, blocks: int, state: str) -> None:
+        """An ended claim stays ended: its prefix sent again (twice, so the second is
+        served from cache even if the first had to recompute it) credits it no reuse and
+        gives it no event, it still reports `state`, and a new claim on the same prefix
+        gets a new id (ids are never issued twice)."""
+        issued = {e.claim_id for e in self.events_since(0) if e.claim_id}
+        mark = self.mark()
+        credited = []
+        for _ in range(2):
+            rid, again = self.reuse_query(tag, blocks)
+            record = again.unwrap().rkv
+            credited += [r for r in (record.reuse if record else []) if r.claim_id == claim.claim_id]
+        later = [e.type.value for e in self.events_since(mark) if e.claim_id == claim.claim_id]
+        now = self.driver.get_claim(claim.claim_id).unwrap()
+        fresh = self.claim(tag, blocks).unwrap()
+        assert not credited, f"the {state} claim {claim.claim_id} was credited with reuse by {rid}: {credited}"
+        assert not later, f"the {state} claim {claim.claim_id} got events after it ended: {later}"
+        assert now.state.value == state, f"the {state} claim {claim.claim_id} now reports {now.state.value}"
+        assert fresh.claim_id not in issued, (
+            f"a new claim got the id {fresh.claim_id!r}, already issued in this run (ids must never repeat)"
+        )
 
     def of_type(self, events: list[Event], *types: EventType) -> list[Event]:
         return [e for e in events if e.type in types]

@@ -30,12 +30,23 @@ def test_each_claim_has_its_own_identity(rkv):
     accepted = [e.claim_id for e in lifecycle if e.type == EventType.CLAIM_ACCEPTED]
     assert sorted(accepted) == sorted([a.claim_id, b.claim_id]), f"acceptance events: {accepted}"
 
+    unknown = f"{a.claim_id}-never-issued"
+    for what, reply in (("GET", rkv.driver.get_claim(unknown)), ("DELETE", rkv.driver.release(unknown))):
+        assert (reply.status, reply.error and reply.error.type) == (404, "not_found"), (
+            f"{what} of the never-issued claim id {unknown!r} answered {reply.status} {reply.error or reply.value}"
+        )
+
 
 @pytest.mark.rkv_obligation("materialization-predicate")
 @pytest.mark.rkv_litmus("accepted_hard_claims")
 def test_claim_covers_exactly_its_full_blocks(rkv):
-    claim = rkv.claim("predicate", 20, extra_tokens=7).unwrap()
-    pool = rkv.driver.pool()
+    block_mark = rkv.block_mark()
+    request = ClaimRequest(prompt_token_ids=rkv.tokens("predicate", 20, extra_tokens=7), ttl_s=600.0,
+                           client_id="suite-client")
+    claim = rkv.driver.claim(request).unwrap()
+    stored = [h for e in rkv.driver.block_events(after=block_mark) if e.type == EventType.BLOCKS_STORED
+              for h in e.block_hashes]
+    pool = rkv.pool_adds_up("claim resident")
     _, again = rkv.reuse_query("predicate", 20)
     rkv.record("claim", {"blocks": claim.blocks, "tokens": claim.tokens, "resident_blocks": claim.resident_blocks})
     rkv.record("pool_claimed_blocks", pool.claimed_blocks.get(claim.claim_id))
@@ -44,15 +55,30 @@ def test_claim_covers_exactly_its_full_blocks(rkv):
         "a 20-block prompt plus 7 tokens must claim exactly its 20 full blocks"
     )
     assert claim.state == ClaimState.RESIDENT and claim.resident_blocks == 20
+    echoed = (claim.strength, claim.demotable, claim.tier, claim.ttl_s, claim.client_id)
+    assert echoed == ("hard", False, "device", 600.0, "suite-client"), (
+        f"the claim does not echo its request: strength/demotable/tier/ttl_s/client_id = {echoed}"
+    )
+    assert claim.expires_at is not None, "a claim with a TTL must say when it expires"
+    if stored:  # the runtime publishes its block hashes: the claim's must be one of them
+        assert len(stored) == 20 and claim.prefix_hash == stored[-1], (
+            f"prefix_hash {claim.prefix_hash!r} is not the hash the runtime published for the claim's "
+            f"last block ({stored[-1]!r}, of {len(stored)} stored)"
+        )
     assert pool.claimed_blocks.get(claim.claim_id) == 20, (
         f"claim reports resident but the pool holds {pool.claimed_blocks.get(claim.claim_id)} of its 20 blocks"
     )
     servable = servable_blocks(20 * rkv.block_size + 1, rkv.block_size)  # the last-block rule: 20
     assert rkv.cached_tokens(again) == min(20, servable) * rkv.block_size, "a resident claim's prefix must hit in full"
 
+    again_view = rkv.driver.get_claim(claim.claim_id).unwrap()
+    assert again_view == claim.model_copy(update={"state": again_view.state}), (
+        f"GET returns a different claim than POST did:\n  {again_view}\n  {claim}"
+    )
     too_short = rkv.driver.claim(ClaimRequest(prompt_token_ids=rkv.tokens("short", 0, extra_tokens=rkv.block_size - 1)))
-    assert not too_short.ok and too_short.status in (409, 422), (
-        f"a claim shorter than one block has nothing to materialize, yet got {too_short.status}"
+    assert (too_short.status, too_short.error and too_short.error.type) == (422, "invalid_request"), (
+        f"a claim shorter than one block is malformed (422 invalid_request), yet got {too_short.status} "
+        f"{too_short.error or too_short.value}"
     )
 
 
@@ -60,14 +86,54 @@ def test_claim_covers_exactly_its_full_blocks(rkv):
 @pytest.mark.rkv_litmus("accepted_hard_claims")
 def test_lifecycle_events_are_numbered_and_follow_the_state_machine(rkv):
     claim = rkv.accepted("lifecycle", 10)
-    rkv.reuse_query("lifecycle", 10)
+    rid, _ = rkv.reuse_query("lifecycle", 10)
     rkv.driver.release(claim.claim_id).unwrap()
+    twice = rkv.driver.release(claim.claim_id)
     events = rkv.events_since(0)
-    mine = [e.type.value for e in events if e.claim_id == claim.claim_id]
-    rkv.record("claim_event_types", mine)
+    mine = [(e.type.value, e.from_state, e.to_state) for e in events if e.claim_id == claim.claim_id]
+    rkv.record("claim_event_types", [m[0] for m in mine])
     problems = order_problems(events)
     assert not problems, "the event trace is not well ordered:\n" + "\n".join(problems)
-    assert mine == ["claim.accepted", "claim.materialized", "claim.reused", "claim.released"]
+    R, A, X = ClaimState.RESIDENT, ClaimState.ACCEPTED, ClaimState.RELEASED
+    assert mine == [("claim.accepted", None, A), ("claim.materialized", A, R), ("claim.reused", R, R),
+                    ("claim.released", R, X)], f"the claim's events (type, from, to): {mine}"
+    reused = [(e.request_id, e.blocks) for e in events if e.type == EventType.CLAIM_REUSED]
+    materialized = [e.blocks for e in events if e.type == EventType.CLAIM_MATERIALIZED]
+    assert reused == [(rid, 10)] and materialized == [10], (
+        f"reuse events (request, blocks) {reused} and materialization blocks {materialized}: expected "
+        f"[({rid!r}, 10)] and [10]"
+    )
+    assert twice.status == 404 or (twice.ok and twice.value.state == ClaimState.RELEASED), (
+        f"releasing a released claim answered {twice.status} {twice.error or twice.value.state.value}"
+    )
+
+
+@pytest.mark.rkv_obligation("ordered-lifecycle")
+@pytest.mark.rkv_litmus("accepted_hard_claims")
+def test_event_pages_hold_exactly_the_events_after_the_cursor(rkv):
+    cursor, paged = 0, []
+    steps = [
+        lambda: rkv.accepted("paging-a", 10),
+        lambda: rkv.run("paging-plain", 5),
+        lambda: rkv.reuse_query("paging-a", 10),
+        lambda: rkv.accepted("paging-b", 10, strength="soft"),
+        lambda: rkv.run("paging-refused", ACTIVE_BLOCKS),
+    ]
+    for step in steps:
+        step()
+        page = rkv.driver.events(after=cursor)
+        paged += page
+        cursor = page[-1].seq if page else cursor
+    trace = rkv.driver.events()
+    seqs = [e.seq for e in trace]
+    rkv.record("seqs", seqs)
+    assert [e.seq for e in paged] == seqs, (
+        f"reading page by page (after = last seq seen) gave seqs {[e.seq for e in paged]}, the whole "
+        f"trace has {seqs}: an event was served twice or skipped"
+    )
+    for after in sorted({0, seqs[0], seqs[len(seqs) // 2], seqs[-1], seqs[-1] + 1000}):
+        got = [e.seq for e in rkv.driver.events(after=after)]
+        assert got == [s for s in seqs if s > after], f"?after={after} served {got}"
 
 
 @pytest.mark.rkv_obligation("release")
@@ -85,21 +151,55 @@ def test_release_ends_protection_at_once(rkv):
     assert [e.claim_id for e in events if e.type == EventType.CLAIM_RELEASED] == [claim.claim_id]
     assert active.ok, f"the released claim still blocks a {ACTIVE_BLOCKS}-block request: {active.error}"
     assert rkv.driver.get_claim(claim.claim_id).unwrap().state == ClaimState.RELEASED
+    rkv.stays_ended(claim, "released", RESIDENT_BLOCKS, "released")
 
 
 @pytest.mark.rkv_obligation("expiry")
 @pytest.mark.rkv_litmus("expiry")
 def test_expired_claim_stops_protecting(rkv):
-    ttl = 1.0
+    """Both sides of the deadline, each probed by a request (never a read first, which
+    could be what triggers expiry): protected at 60 % of the TTL, gone at 150 %."""
+    ttl = 4.0
     claim = rkv.accepted("expiring", RESIDENT_BLOCKS, ttl_s=ttl)
-    _, before = rkv.run("active", ACTIVE_BLOCKS, label="before-expiry")
-    assert not before.ok, "before its TTL the hard claim must still protect its blocks"
-    rkv.driver.wait(ttl * 1.5)
-    state = rkv.driver.get_claim(claim.claim_id).unwrap().state
+    rkv.driver.wait(ttl * 0.6)
+    _, before = rkv.run("active", ACTIVE_BLOCKS, label="before-expiry", held=claim)
+    rkv.driver.wait(ttl * 0.9)
     rid, after = rkv.run("active", ACTIVE_BLOCKS, label="after-expiry")
-    expired = [e for e in rkv.events_since(0) if e.type == EventType.CLAIM_EXPIRED]
+    events = rkv.events_since(0)
+    state = rkv.driver.get_claim(claim.claim_id).unwrap().state
+    expired = [e for e in events if e.type == EventType.CLAIM_EXPIRED]
+    accepted = [e for e in events if e.type == EventType.CLAIM_ACCEPTED]
+    completed = [e.seq for e in events if e.type == EventType.REQUEST_COMPLETED and e.request_id == rid]
     rkv.record("state_after_ttl", state.value)
     rkv.record("active_admitted_after_ttl", after.ok)
+    assert not before.ok and before.error.blocking_claims == [claim.claim_id], (
+        f"at 60 % of its {ttl} s TTL the hard claim must still protect its blocks: "
+        + ("the active request was admitted" if before.ok else f"refused naming {before.error.blocking_claims}")
+    )
+    assert after.ok, f"150 % into its TTL, the expired claim still blocks the active request: {after.error}"
+    assert [e.claim_id for e in expired] == [claim.claim_id], "no single expiry event names the claim"
+    assert expired[0].ts >= accepted[0].ts + ttl, (
+        f"the claim expired {expired[0].ts - accepted[0].ts:.2f} s after it was accepted, before its {ttl} s TTL"
+    )
+    assert completed and expired[0].seq < completed[0], (
+        "the expiry is not ordered before the request its end let in"
+    )
     assert state == ClaimState.EXPIRED, f"{ttl * 1.5}s after a {ttl}s TTL the claim is {state.value}"
-    assert [e.claim_id for e in expired] == [claim.claim_id], "no expiry event names the claim"
-    assert after.ok, f"an expired claim still blocks the active request: {after.error}"
+    rkv.stays_ended(claim, "expiring", RESIDENT_BLOCKS, "expired")
+
+
+@pytest.mark.rkv_obligation("expiry")
+@pytest.mark.rkv_litmus("expiry")
+def test_release_after_expiry_changes_nothing(rkv):
+    ttl = 1.0
+    claim = rkv.accepted("expired-then-released", 10, ttl_s=ttl)
+    rkv.driver.wait(ttl * 1.5)
+    mark = rkv.mark()
+    reply = rkv.driver.release(claim.claim_id)
+    later = [e.type.value for e in rkv.events_since(mark) if e.claim_id == claim.claim_id]
+    state = rkv.driver.get_claim(claim.claim_id).unwrap().state
+    assert state == ClaimState.EXPIRED, f"an expired claim, released afterwards, reports {state.value}"
+    assert later in ([], ["claim.expired"]), f"releasing an expired claim produced events {later}"
+    assert reply.status == 404 or (reply.ok and reply.value.state == ClaimState.EXPIRED), (
+        f"releasing an expired claim answered {reply.status} {reply.error or reply.value.state.value}"
+    )

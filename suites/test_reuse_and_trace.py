@@ -35,8 +35,24 @@ def test_reuse_names_the_claim_and_its_tokens(rkv):
     assert whole.usage.prompt_tokens_details.cached_tokens == served * rkv.block_size
     assert [(e.claim_id, e.request_id, e.blocks) for e in events if e.type == EventType.CLAIM_REUSED] == [
         (claim.claim_id, rid, 30), (claim.claim_id, full_rid, served)]
+    assert done.usage.prompt_tokens_details.cached_tokens == 30 * rkv.block_size
+    assert done.rkv.request_id == rid, f"the completion's record names request {done.rkv.request_id!r}, not {rid!r}"
     other = unrelated.unwrap().rkv
     assert other is not None and other.reuse == [], "a request that shares nothing was attributed reuse"
+
+    # a prompt sharing only the claim's first 20 blocks, then one that extends all 30
+    mark = rkv.mark()
+    part_rid, part = rkv.run("attributed", 20, extra_tokens=1, label="partial")
+    long_rid, longer = rkv.run("attributed", 40, extra_tokens=1, label="longer")
+    partial = [(r.claim_id, r.tokens) for r in (part.unwrap().rkv.reuse if part.unwrap().rkv else [])]
+    extended = [(r.claim_id, r.tokens) for r in (longer.unwrap().rkv.reuse if longer.unwrap().rkv else [])]
+    reused = [(e.request_id, e.blocks) for e in rkv.events_since(mark) if e.type == EventType.CLAIM_REUSED]
+    rkv.record("partial_reuse", partial)
+    assert partial == [(claim.claim_id, 20 * rkv.block_size)], (
+        f"a request sharing 20 of the claim's 30 blocks must be credited 20 blocks' tokens: {partial}"
+    )
+    assert extended == [(claim.claim_id, 30 * rkv.block_size)], f"a longer prompt reuses all 30 blocks: {extended}"
+    assert reused == [(part_rid, 20), (long_rid, 30)], f"reuse events (request, blocks): {reused}"
 
 
 @pytest.mark.rkv_obligation("trace-reconstruction")
@@ -53,23 +69,48 @@ def test_the_event_log_alone_tells_what_happened(rkv):
     r3, third = rkv.run("trace-active", 70)  # blocked by the hard claim
     r4, reuse = rkv.reuse_query("trace-hard", 40)
     rkv.driver.release(hard.claim_id).unwrap()
-    assert not refused_claim.ok and first.ok and second.ok and not third.ok and reuse.ok, (
-        "the scenario did not unfold as the contract requires; see the other obligation tests"
+    answers = {"over-budget claim refused": not refused_claim.ok, "30-block request admitted": first.ok,
+               "35-block request admitted": second.ok, "70-block request refused": not third.ok,
+               "hard claim's prefix reused": reuse.ok}
+    unfolded = [step for step, happened in answers.items() if not happened]
+    assert not unfolded, (
+        f"the scenario did not unfold as the contract requires, so there is no trace to judge; these did "
+        f"not happen: {unfolded} (the other obligation tests say why)"
     )
 
     seen = reconstruct(rkv.events_since(0))
     rkv.record("outcomes", sorted(seen.outcomes()))
+    assert not seen.problems, "events whose type and states disagree:\n" + "\n".join(seen.problems)
     expected = {
         "write_no_admit", "ordinary_eviction", "soft_priority", "active_refusal",
         "accepted_hard_claims", "release",
     }
     assert expected <= seen.outcomes(), f"missing from the trace: {sorted(expected - seen.outcomes())}"
-    assert seen.claims[soft.claim_id].harmed_by == {r2}, "the soft claim's harm is not tied to its cause"
-    assert {"accepted_hard_claims", "release"} <= seen.claims[hard.claim_id].outcomes
-    assert seen.claims[hard.claim_id].reused_by == {r4}
-    assert seen.requests[r3].outcomes == {"active_refusal"} and seen.requests[r3].blocking_claims == {hard.claim_id}
-    assert "ordinary_eviction" in seen.requests[r2].outcomes
-    assert seen.requests[r1].outcomes == {"completed"}
+    assert seen.refused_claim_requests == {refused_claim.error.request_id}, (
+        f"claim refusals in the trace name requests {seen.refused_claim_requests}, the answer "
+        f"{refused_claim.error.request_id!r}"
+    )
+    assert seen.claims[soft.claim_id].states == ["accepted", "resident", "harmed"], (
+        f"the soft claim's states in the trace: {seen.claims[soft.claim_id].states}"
+    )
+    assert seen.claims[hard.claim_id].states == ["accepted", "resident", "resident", "released"], (
+        f"the hard claim's states in the trace: {seen.claims[hard.claim_id].states}"
+    )
+    facts = {
+        f"soft claim harmed by {r2}": seen.claims[soft.claim_id].harmed_by == {r2},
+        "hard claim accepted and released": {"accepted_hard_claims", "release"} <= seen.claims[hard.claim_id].outcomes,
+        f"hard claim reused by {r4} only": seen.claims[hard.claim_id].reused_by == {r4},
+        f"{r3} refused, blocked by the hard claim alone": (
+            seen.requests.get(r3) is not None and seen.requests[r3].outcomes == {"active_refusal"}
+            and seen.requests[r3].blocking_claims == {hard.claim_id}),
+        f"{r2} evicted unclaimed cache": r2 in seen.requests and "ordinary_eviction" in seen.requests[r2].outcomes,
+        f"{r1} just completed": r1 in seen.requests and seen.requests[r1].outcomes == {"completed"},
+    }
+    wrong = [fact for fact, holds in facts.items() if not holds]
+    assert not wrong, (
+        "the trace does not show: " + "; ".join(wrong) + "\n  the trace shows: "
+        + "; ".join(f"{k}: {sorted(v.outcomes)}" for k, v in {**seen.claims, **seen.requests}.items())
+    )
 
 
 PLACEMENT_TRIALS = 5  # routed reuses of one claim, each checked

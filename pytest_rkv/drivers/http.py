@@ -27,7 +27,14 @@ from pytest_rkv.contract import (
 )
 from pytest_rkv.drivers.base import Driver, Reply
 from pytest_rkv.drivers.process import ManagedProcess
-from pytest_rkv.errors import BackendCrashed, HarnessError, ProtocolViolation, ServerStartError, Unsupported
+from pytest_rkv.errors import (
+    BackendCrashed,
+    HarnessError,
+    NoAnswer,
+    ProtocolViolation,
+    ServerStartError,
+    Unsupported,
+)
 
 M = TypeVar("M", bound=BaseModel)
 TIMEOUT = 30.0
@@ -77,12 +84,19 @@ class RkvHttpDriver(Driver):
 
     # -- plumbing --------------------------------------------------------------------
     def _call(self, method: str, path: str, model: type[M], body: BaseModel | None = None,
-              params: dict | None = None) -> Reply[M]:
+              params: dict | None = None, answer_wait: float | None = None) -> Reply[M]:
+        """One API call. With `answer_wait`, a server that is alive but does not answer
+        within that many seconds raises `NoAnswer` (the bounded wait for completions)."""
         try:
             resp = self.http.request(
-                method, self.base_url + path, params=params, timeout=TIMEOUT,
+                method, self.base_url + path, params=params, timeout=(TIMEOUT, answer_wait or TIMEOUT),
                 json=None if body is None else body.model_dump(mode="json", exclude_none=True),
             )
+        except requests.ReadTimeout as exc:
+            self.check_alive()  # a dead server is BackendCrashed, never a silent runtime
+            if answer_wait is None:
+                raise HarnessError(f"{method} {path} failed: {exc.__class__.__name__}: {exc}") from None
+            raise NoAnswer(answer_wait, f"{method} {path} sent; the server is alive but did not answer") from None
         except requests.RequestException as exc:
             self.check_alive()
             raise HarnessError(f"{method} {path} failed: {exc.__class__.__name__}: {exc}") from None
@@ -116,7 +130,8 @@ class RkvHttpDriver(Driver):
         return self._call("DELETE", f"/v1/kv/claims/{claim_id}", Claim)
 
     def complete(self, req: CompletionRequest) -> Reply[Completion]:
-        return self._call("POST", "/v1/completions", Completion, req)
+        return self._call("POST", "/v1/completions", Completion, req,
+                          answer_wait=self.settings.refusal_timeout)
 
     def events(self, after: int = 0) -> list[Event]:
         return self._get("/v1/kv/events", EventPage, after=after).events

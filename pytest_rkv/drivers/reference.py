@@ -17,7 +17,7 @@ from pytest_rkv.contract import (
     RuntimeInfo,
 )
 from pytest_rkv.drivers.base import Driver, Reply
-from pytest_rkv.errors import HarnessError, Unsupported
+from pytest_rkv.errors import HarnessError, NoAnswer, Unsupported
 from pytest_rkv.reference.runtime import ApiError, FakeClock, MicroRuntime
 
 
@@ -31,7 +31,14 @@ class ReferenceDriver(Driver):
             block_size=self.settings.block_size or 16,
             clock=self.clock,
             faults=self.settings.reference_faults,
+            park=self._no_answer,
         )
+
+    def _no_answer(self, request_id: str) -> None:
+        """A parked request (fault `queue_blocked_requests`): the bounded wait passes on
+        the fake clock, and the caller gets what an HTTP driver raises after it."""
+        self.clock.advance(self.settings.refusal_timeout)
+        raise NoAnswer(self.settings.refusal_timeout, f"request {request_id} sent; no answer")
 
     def _reply(self, call, *args) -> Reply:
         try:

@@ -45,7 +45,7 @@ from pytest_rkv.contract import (
 )
 from pytest_rkv.drivers.base import DriverSettings, Reply
 from pytest_rkv.drivers.http import RkvHttpDriver, parse_reply
-from pytest_rkv.drivers.vllm.driver import REQUEST_TIMEOUT, VllmDriver, completion_body
+from pytest_rkv.drivers.vllm.driver import VllmDriver, completion_body
 from pytest_rkv.errors import HarnessError, ServerStartError
 
 RESET_TIMEOUT = 30.0
@@ -218,7 +218,7 @@ class VllmRkvDriver(VllmDriver):
         body = completion_body(req, self.model.served_name, priority)
         if req.claim_id is not None:
             body["claim_id"] = req.claim_id
-        resp = self._request("POST", "/v1/completions", json=body, timeout=REQUEST_TIMEOUT)
+        resp = self._request("POST", "/v1/completions", json=body, answer_wait=self.settings.refusal_timeout)
         if resp.status_code >= 500:
             self.check_alive()
         return parse_reply("POST", "/v1/completions", resp, Completion)

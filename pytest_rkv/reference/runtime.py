@@ -65,7 +65,42 @@ FAULT_MODES: dict[str, str] = {
     "global_reuse_counter": "reuse-attribution: reuse shows only in cached_tokens",
     "reuse_past_last_block": "reuse-attribution: a full-prompt hit counts the recomputed last block as reused",
     "no_request_events": "trace-reconstruction: request outcomes are not logged",
+    "queue_blocked_requests": "active-refusal: a request blocked by hard claims waits forever, unanswered",
+    "refusal_wrong_status": "active-refusal: refusals are HTTP 503 instead of 409",
+    "refusal_without_arithmetic": "active-refusal: refusals leave out free_blocks and evictable_blocks",
+    "blame_every_claim": "active-refusal: refusals name every live claim, soft ones too",
+    "harm_undercount": "soft-harm: harm events report 1 block lost, whatever was lost",
+    "pool_overcount": "materialization-predicate: cached_blocks also counts claimed blocks",
+    "stale_prefix_hash": "materialization-predicate: prefix_hash is the first block's hash, not the last's",
+    "forget_request_fields": "materialization-predicate: claims do not echo ttl_s and client_id",
+    "unknown_claim_ok": "claim-identity: an unknown claim id is answered 200 with a made-up claim",
+    "reissue_ids": "release: a new claim gets the id of the last claim that ended",
+    "ended_claims_reused": "release: released, expired, harmed and failed claims are still credited with reuse",
+    "double_release_event": "ordered-lifecycle: releasing a released claim reports a second release",
+    "events_ignore_after": "ordered-lifecycle: GET /v1/kv/events ignores `after`",
+    "events_include_after": "ordered-lifecycle: GET /v1/kv/events?after=N includes event N",
+    "expire_on_read": "expiry: claims expire only when read with GET",
+    "early_expiry": "expiry: claims expire at half their TTL",
+    "partial_reuse_full_tokens": "reuse-attribution: a partial-prefix reuse is credited the claim's full tokens",
+    "restore_after_reuse": "demotion-restore: the restore event comes after the reuse it served",
+    "budget_off_by_one": "write-no-admit: a claim exactly filling the budget is refused",
 }
+
+
+class Parked(Exception):
+    """Internal: the `queue_blocked_requests` fault holds a request with no answer."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(request_id)
+        self.request_id = request_id
+
+
+def park_forever(request_id: str) -> None:
+    """What a runtime that queues a request it can neither admit nor refuse looks like
+    from outside: the caller's thread never gets an answer (bounded at an hour, so a
+    forgotten server thread cannot outlive every reasonable stop)."""
+    threading.Event().wait(3600)
+    raise RuntimeError(f"request {request_id} parked for an hour")
 
 
 class ApiError(Exception):
@@ -117,6 +152,7 @@ class MicroRuntime:
         clock: Callable[[], float] = time.monotonic,
         faults: frozenset[str] = frozenset(),
         fault_injection: bool = True,
+        park: Callable[[str], None] = park_forever,
     ) -> None:
         unknown = set(faults) - set(FAULT_MODES)
         if unknown:
@@ -126,6 +162,7 @@ class MicroRuntime:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.claim_budget_blocks, self.host_blocks = claim_budget_blocks, host_blocks
         self.clock, self.faults, self.fault_injection = clock, frozenset(faults), fault_injection
+        self.park = park  # called, outside the lock, for a request the fault leaves unanswered
         self._lock = threading.RLock()
         self.reset()
 
@@ -169,12 +206,15 @@ class MicroRuntime:
     def _live(self) -> list[_Claim]:
         return [c for c in self.claims.values() if c.state not in TERMINAL_STATES]
 
-    def _expire(self) -> None:
-        if "no_expiry" in self.faults:
+    def _expire(self, reading: bool = False) -> None:
+        if "no_expiry" in self.faults or ("expire_on_read" in self.faults and not reading):
             return
         now = self.clock()
         for claim in self._live():
-            if claim.expires_at is not None and now >= claim.expires_at:
+            deadline = claim.expires_at
+            if deadline is not None and "early_expiry" in self.faults:
+                deadline -= claim.ttl_s / 2
+            if deadline is not None and now >= deadline:
                 self.pool.unpin(claim.claim_id)
                 claim.host_hashes = []
                 claim.reason = f"ttl of {claim.ttl_s}s ran out"
@@ -190,13 +230,13 @@ class MicroRuntime:
             strength=claim.strength,
             blocks=len(claim.hashes),
             tokens=len(claim.hashes) * self.block_size,
-            prefix_hash=claim.hashes[-1],
+            prefix_hash=claim.hashes[0 if "stale_prefix_hash" in self.faults else -1],
             resident_blocks=held,
             tier=claim.tier,
             demotable=claim.demotable,
-            ttl_s=claim.ttl_s,
+            ttl_s=None if "forget_request_fields" in self.faults else claim.ttl_s,
             expires_at=claim.expires_at,
-            client_id=claim.client_id,
+            client_id=None if "forget_request_fields" in self.faults else claim.client_id,
             tenant=claim.tenant,
             reason=claim.reason,
         )
@@ -278,9 +318,10 @@ class MicroRuntime:
                 self._emit(EventType.BLOCKS_EVICTED, request_id=request_id, blocks=len(hashes), block_hashes=hashes)
                 continue
             claim.reason = f"lost {len(hashes)} blocks to request {request_id}"
+            lost = 1 if "harm_undercount" in self.faults else len(hashes)
             self._transition(
                 claim, EventType.CLAIM_HARMED, cause="evicted_by_request",
-                request_id=request_id, blocks=len(hashes), block_hashes=hashes,
+                request_id=request_id, blocks=lost, block_hashes=hashes[:lost],
             )
 
     def _refusal(self, needed: int, keep: set[int], request_id: str) -> ApiError:
@@ -292,6 +333,8 @@ class MicroRuntime:
         claimed = {c: len(self.pool.held_by(c)) for c in blockers}
         if "unattributed_refusal" in self.faults:
             blockers, claimed = [], {}
+        if "blame_every_claim" in self.faults:
+            blockers = sorted(c.claim_id for c in self._live())
         body = ErrorBody(
             type="active_refusal",
             message=(
@@ -302,12 +345,12 @@ class MicroRuntime:
             request_id=request_id,
             blocking_claims=blockers,
             needed_blocks=needed,
-            free_blocks=self.pool.num_free(),
-            evictable_blocks=len(unclaimed) + len(soft),
+            free_blocks=None if "refusal_without_arithmetic" in self.faults else self.pool.num_free(),
+            evictable_blocks=None if "refusal_without_arithmetic" in self.faults else len(unclaimed) + len(soft),
             claimed_blocks=claimed,
         )
         self._emit(EventType.REQUEST_REFUSED, request_id=request_id, cause="hard_claims", blocking_claims=blockers, blocks=needed)
-        return ApiError(409, body)
+        return ApiError(503 if "refusal_wrong_status" in self.faults else 409, body)
 
     # ---------------------------------------------------------------- API
     def info(self) -> RuntimeInfo:
@@ -339,6 +382,8 @@ class MicroRuntime:
             ))
         held = sum(len(c.hashes) for c in self._live())
         over_budget = held + len(hashes) > self.claim_budget_blocks
+        if "budget_off_by_one" in self.faults:
+            over_budget = held + len(hashes) >= self.claim_budget_blocks
         if over_budget and "half_admit" in self.faults and held < self.claim_budget_blocks:
             hashes = hashes[: self.claim_budget_blocks - held]
             over_budget = False
@@ -355,6 +400,9 @@ class MicroRuntime:
             raise ApiError(409, ErrorBody(type="no_admit", message="claim not admitted", reason=reason, request_id=request_id))
 
         claim_id = "claim" if "anonymous_claims" in self.faults else self._new_id("claim")
+        ended = [c.claim_id for c in self.claims.values() if c.state in TERMINAL_STATES]
+        if "reissue_ids" in self.faults and ended:
+            claim_id = ended[-1]
         now = self.clock()
         claim = _Claim(
             claim_id=claim_id, strength=req.strength, hashes=hashes, demotable=req.demotable,
@@ -386,8 +434,12 @@ class MicroRuntime:
 
     def get_claim(self, claim_id: str) -> Claim:
         with self._lock:
-            self._expire()
+            self._expire(reading=True)
             self._flush()
+            if "unknown_claim_ok" in self.faults and claim_id not in self.claims:
+                return Claim(claim_id=claim_id, state=ClaimState.RELEASED, strength="hard", blocks=1,
+                             tokens=self.block_size, prefix_hash="0" * 16, resident_blocks=0,
+                             tier="device", demotable=False)
             return self._claim_view(self._lookup_claim(claim_id))
 
     def release_claim(self, claim_id: str) -> Claim:
@@ -395,6 +447,9 @@ class MicroRuntime:
             try:
                 self._expire()
                 claim = self._lookup_claim(claim_id)
+                if claim.state == ClaimState.RELEASED and "double_release_event" in self.faults:
+                    self._emit(EventType.CLAIM_RELEASED, claim_id=claim_id, from_state=claim.state,
+                               to_state=claim.state, cause="client")
                 if claim.state not in TERMINAL_STATES:
                     if "release_leak" not in self.faults:
                         self.pool.unpin(claim_id)
@@ -415,7 +470,9 @@ class MicroRuntime:
         with self._lock:
             self._expire()
             self._flush()
-            page = [e for e in self._events if e.seq > after]
+            if "events_ignore_after" in self.faults:
+                after = 0
+            page = [e for e in self._events if e.seq > after or ("events_include_after" in self.faults and e.seq == after)]
             return EventPage(events=page, last_seq=self._events[-1].seq if self._events else 0)
 
     def pool_state(self) -> PoolState:
@@ -430,7 +487,9 @@ class MicroRuntime:
                 block_size=self.block_size,
                 total_blocks=self.num_blocks,
                 free_blocks=self.pool.num_free(),
-                cached_blocks=self.pool.cached_unclaimed(),
+                cached_blocks=self.pool.cached_unclaimed() + (
+                    sum(len(self.pool.held_by(c.claim_id)) for c in self._live())
+                    if "pool_overcount" in self.faults else 0),
                 active_blocks=self.pool.active(),
                 claimed_blocks=claimed,
                 claim_budget_blocks=self.claim_budget_blocks,
@@ -454,11 +513,15 @@ class MicroRuntime:
         return False
 
     def complete(self, req: CompletionRequest) -> Completion:
-        with self._lock:
-            try:
-                return self._complete(req)
-            finally:
-                self._flush()
+        try:
+            with self._lock:
+                try:
+                    return self._complete(req)
+                finally:
+                    self._flush()
+        except Parked as parked:
+            self.park(parked.request_id)
+            raise
 
     def _complete(self, req: CompletionRequest) -> Completion:
         self._expire()
@@ -485,6 +548,8 @@ class MicroRuntime:
         ]
         plan = self._plan_room(needed - len(hit), keep=set(hit))
         if plan is None:
+            if "queue_blocked_requests" in self.faults:
+                raise Parked(request_id)
             raise self._refusal(needed - len(hit), set(hit), request_id)
         self._make_room(plan, request_id)
 
@@ -514,8 +579,8 @@ class MicroRuntime:
             claim = self.claims[claim_id]
             claim.host_hashes, claim.tier = [], "device"
             self.pool.pin(blocks[: len(claim.hashes)], claim_id, hard=claim.strength == "hard")
-            if "reuse_before_restore" in self.faults:
-                claim.state = ClaimState.RESIDENT  # the lie: no restore event
+            if "reuse_before_restore" in self.faults or "restore_after_reuse" in self.faults:
+                claim.state = ClaimState.RESIDENT  # the lie: no restore event (yet)
             else:
                 self._transition(claim, EventType.CLAIM_RESTORED, request_id=request_id,
                                  tier="device", blocks=len(claim.hashes))
@@ -523,8 +588,9 @@ class MicroRuntime:
 
         # Attribute reuse to every live claim whose prefix this request was served from.
         reuse: list[ClaimReuse] = []
-        for claim in self._live():
-            if claim.state != ClaimState.RESIDENT:
+        candidates = list(self.claims.values()) if "ended_claims_reused" in self.faults else self._live()
+        for claim in candidates:
+            if claim.state != ClaimState.RESIDENT and claim.state not in TERMINAL_STATES:
                 continue
             in_prompt = 0  # blocks of the claim the whole prompt contains
             for a, b in zip(claim.hashes, hashes):
@@ -536,10 +602,17 @@ class MicroRuntime:
             if "reuse_past_last_block" in self.faults:
                 shared, recomputed = in_prompt, 0
             if shared:
-                reuse.append(ClaimReuse(claim_id=claim.claim_id, tokens=shared * self.block_size,
+                credit = len(claim.hashes) if "partial_reuse_full_tokens" in self.faults else shared
+                reuse.append(ClaimReuse(claim_id=claim.claim_id, tokens=credit * self.block_size,
                                         restored=claim.claim_id in restored,
                                         recomputed_tokens=recomputed * self.block_size))
-                self._transition(claim, EventType.CLAIM_REUSED, request_id=request_id, blocks=shared)
+                if claim.state == ClaimState.RESIDENT:
+                    self._transition(claim, EventType.CLAIM_REUSED, request_id=request_id, blocks=shared)
+        if "restore_after_reuse" in self.faults:
+            for claim_id in restored:
+                self._emit(EventType.CLAIM_RESTORED, claim_id=claim_id, from_state=ClaimState.DEMOTED,
+                           to_state=ClaimState.RESIDENT, request_id=request_id, tier="device",
+                           blocks=len(self.claims[claim_id].hashes))
         if "global_reuse_counter" in self.faults:
             reuse = []
 

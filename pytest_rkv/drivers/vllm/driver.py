@@ -47,9 +47,9 @@ from pytest_rkv.drivers.vllm import build as build_mod
 from pytest_rkv.drivers.vllm import geometry, hashing, metrics as metrics_mod, server as server_mod
 from pytest_rkv.drivers.vllm.events import KvEventSubscriber
 from pytest_rkv.drivers.vllm.model import ModelChoice, choose_model
-from pytest_rkv.errors import HarnessError, ProtocolViolation, ServerStartError, Unsupported
+from pytest_rkv.errors import HarnessError, NoAnswer, ProtocolViolation, ServerStartError, Unsupported
 
-REQUEST_TIMEOUT = 120.0  # a queued request waits for capacity; generous but bounded
+REQUEST_TIMEOUT = 120.0  # connect and non-completion calls; completions wait settings.refusal_timeout
 RESET_TIMEOUT = 30.0
 _CONTEXT_LENGTH = re.compile(r"maximum context length", re.IGNORECASE)
 
@@ -234,7 +234,7 @@ class VllmDriver(Driver):
         if req.claim_id is not None:
             raise Unsupported("stock vLLM has no claims; a completion cannot name a claim_id")
         body = completion_body(req, self.model.served_name, priority)
-        resp = self._request("POST", "/v1/completions", json=body, timeout=REQUEST_TIMEOUT)
+        resp = self._request("POST", "/v1/completions", json=body, answer_wait=self.settings.refusal_timeout)
         if resp.status_code >= 500:
             self.check_alive()
         try:
@@ -247,10 +247,19 @@ class VllmDriver(Driver):
             return Reply(resp.status_code, value=completion_from_vllm(payload))
         return Reply(resp.status_code, error=error_from_vllm(resp.status_code, payload, req.request_id))
 
-    def _request(self, method: str, path: str, *, timeout: float, **kw) -> requests.Response:
+    def _request(self, method: str, path: str, *, timeout: float = REQUEST_TIMEOUT,
+                 answer_wait: float | None = None, **kw) -> requests.Response:
+        """One HTTP call to the server. With `answer_wait` (completions), a server that is
+        alive but does not answer within that many seconds raises `NoAnswer`."""
         assert self.plan is not None
         try:
-            return self.http.request(method, self.plan.base_url + path, timeout=timeout, **kw)
+            return self.http.request(method, self.plan.base_url + path,
+                                     timeout=(timeout, answer_wait) if answer_wait else timeout, **kw)
+        except requests.ReadTimeout as exc:
+            self.check_alive()
+            if answer_wait is None:
+                raise HarnessError(f"{method} {path} to vLLM failed: {exc.__class__.__name__}: {exc}") from None
+            raise NoAnswer(answer_wait, f"{method} {path} sent; vLLM is alive but did not answer") from None
         except requests.RequestException as exc:
             self.check_alive()  # a crash becomes BackendCrashed with the log tail
             raise HarnessError(f"{method} {path} to vLLM failed: {exc.__class__.__name__}: {exc}") from None
