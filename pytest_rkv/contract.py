@@ -20,6 +20,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 API_VERSION = "rkv/1"
+# Revision 1.1 adds tenants (bearer tokens), per-tenant budgets, admin-only reset and
+# faults, a seq that never restarts, bounded event retention with paging. It is backward
+# compatible: a v1 client that sends no token talks to a server with no tenants as before.
+API_REVISION = "1.1"
 SUITE_VERSION = "0.1.0"
 ROW_SCHEMA = "pytest-rkv/row/1"  # the version of row.json documents
 
@@ -117,6 +121,8 @@ class EventType(str, enum.Enum):
     # block-level substrate (no claim): ordinary caching and eviction
     BLOCKS_STORED = "blocks.stored"
     BLOCKS_EVICTED = "blocks.evicted"
+    # the runtime dropped every claim and cached block; seq goes on counting (v1.1)
+    RUNTIME_RESET = "runtime.reset"
 
 
 # Which state change each lifecycle event reports. Used both by the reference runtime
@@ -203,8 +209,17 @@ class Event(_Model):
 
 
 class EventPage(_Model):
+    """`GET /v1/kv/events?after=SEQ&limit=N`: at most `limit` events with seq > after.
+
+    `last_seq` is the seq of the last event on this page (or `after` when it is empty):
+    pass it as the next `after`. `more` says another page is waiting. The runtime keeps a
+    bounded window of events; `oldest_seq` is the first seq still available (0 when none),
+    so a poller whose `after` is below `oldest_seq - 1` knows it missed events."""
+
     events: list[Event]
     last_seq: int
+    more: bool = False
+    oldest_seq: int = 0
 
 
 class PoolState(_Model):
@@ -219,6 +234,9 @@ class PoolState(_Model):
     claim_budget_blocks: int
     host_total_blocks: int = 0
     host_used_blocks: int = 0
+    # v1.1: what one tenant's claims may hold together (None: no per-tenant bound). With
+    # tenants, `claimed_blocks` lists only the caller's own claims.
+    tenant_budget_blocks: int | None = None
 
 
 class CompletionRequest(_Request):
@@ -291,6 +309,12 @@ class ErrorBody(_Model):
         "invalid_request",  # validation failure (422), see `fields`
         "unsupported",  # the runtime does not offer this route or fault (501)
         "capacity",  # larger than the whole pool, no claim involved (400)
+        "unauthorized",  # no or unknown bearer token where tenants are configured (401)
+        "forbidden",  # a token that may not do this, e.g. a tenant on an admin route (403)
+        "bad_request",  # not HTTP the server can parse (400)
+        "method_not_allowed",  # the route exists, the method does not (405)
+        "timeout",  # headers or body not received in time (408)
+        "too_large",  # body, URL or headers over the server's limits (413, 414, 431)
     ]
     message: str
     reason: str | None = None
@@ -329,6 +353,8 @@ class RuntimeInfo(_Model):
     fault_injection: bool = False
     demotion: bool = False
     routed: bool = False
+    # v1.1: callers are tenants identified by bearer tokens; claims are tenant-scoped.
+    tenancy: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -345,6 +371,7 @@ LITMUS_CASES = (
     "expiry",
     "active_refusal",
     "trace_reconstruction",
+    "tenant_isolation",
 )
 
 
@@ -464,6 +491,15 @@ OBLIGATIONS: tuple[Obligation, ...] = (
         "and request.",
         ("trace_reconstruction",),
         ("block_events",),
+    ),
+    Obligation(
+        "claim-isolation",
+        "Claim isolation between tenants",
+        "A runtime that declares tenancy MUST NOT let one tenant read, release, see the events or "
+        "block hashes of, or reuse another tenant's claim, and MUST bound the blocks one tenant's "
+        "claims may hold below the global claim budget.",
+        ("tenant_isolation",),
+        (),
     ),
     Obligation(
         "placement",
