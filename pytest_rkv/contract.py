@@ -35,7 +35,13 @@ class _Model(BaseModel):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: no coercion ("1", 1.0, true and "yes" are not integers or booleans), no
+    # NaN or Infinity, bounded ids and strings, so nothing odd is stored and echoed back.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Name = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 # --------------------------------------------------------------------------------------
@@ -161,12 +167,12 @@ Tier = Literal["device", "host"]
 class ClaimRequest(_Request):
     """Body of `POST /v1/kv/claims`."""
 
-    prompt_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    prompt_token_ids: Annotated[list[TokenId], Field(min_length=1)]
     strength: Strength = "hard"
-    ttl_s: Annotated[float, Field(gt=0)] | None = None
+    ttl_s: Annotated[float, Field(gt=0, le=1e7, allow_inf_nan=False)] | None = None
     demotable: bool = False
-    client_id: str | None = None
-    tenant: str | None = None
+    client_id: Name | None = None
+    tenant: Name | None = None
 
 
 class Claim(_Model):
@@ -242,11 +248,11 @@ class PoolState(_Model):
 class CompletionRequest(_Request):
     """Body of `POST /v1/completions` (an OpenAI-compatible subset, token ids only)."""
 
-    model: str | None = None
-    prompt: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    model: Name | None = None
+    prompt: Annotated[list[TokenId], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1, le=4096)] = 1
-    claim_id: str | None = None
-    request_id: str | None = None
+    claim_id: Name | None = None
+    request_id: Name | None = None
 
 
 class ClaimReuse(_Model):
@@ -315,6 +321,7 @@ class ErrorBody(_Model):
         "method_not_allowed",  # the route exists, the method does not (405)
         "timeout",  # headers or body not received in time (408)
         "too_large",  # body, URL or headers over the server's limits (413, 414, 431)
+        "internal",  # a bug in the server (500); the reference server never means to send it
     ]
     message: str
     reason: str | None = None
@@ -339,7 +346,7 @@ class FaultRequest(_Request):
     """Body of `POST /v1/kv/faults` (opt-in test route)."""
 
     kind: FaultKind
-    claim_id: str | None = None
+    claim_id: Name | None = None
 
 
 class RuntimeInfo(_Model):
