@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from pytest_rkv.certify import register_secrets
 from pytest_rkv.certify import command_line, environment, invocation_problems, suite_files, suite_hash, target_dir
 from pytest_rkv.config import RkvConfig, add_options, get_config
 from pytest_rkv.contract import OBLIGATIONS, OBLIGATIONS_BY_ID, SUBSTRATES_BY_ID, TestOutcome
@@ -72,6 +73,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{_marker_name(ob.id)}: {ob.title} (added to its tests)")
     rkv_config = get_config(config)
     config.stash[CONFIG_KEY] = rkv_config
+    register_secrets(rkv_config.secrets())  # tokens from options, ini or env: never in a bundle
     config.stash[RUNTIMES_KEY] = {}
     config.stash[CURSORS_KEY] = {}
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
@@ -185,6 +187,8 @@ def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_
         model=rkv_config.model,
         startup_timeout=rkv_config.startup_timeout,
         reference_faults=rkv_config.reference_faults,
+        tenant_tokens=rkv_config.tenant_tokens,
+        admin_token=rkv_config.admin_token,
     )
     driver = driver_class(name)(settings)
     request.addfinalizer(driver.stop)  # registered before start: a failed start cleans up too
