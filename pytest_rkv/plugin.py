@@ -103,6 +103,17 @@ def pytest_configure(config: pytest.Config) -> None:
         # (xdist chose "load" for -n in its cmdline_main; workers copy options later.)
         if getattr(config.option, "dist", "no") == "load":
             config.option.dist = "loadgroup"
+    elif config.workerinput.get("rkv_loadgroup"):
+        # Workers do not see the controller's late switch to loadgroup; without this they
+        # never tag node ids with the group and one backend's tests spread over workers.
+        config.option.loadgroup = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist controller: tell each worker that its backends are grouped."""
+    if getattr(node.config.option, "dist", "no") == "loadgroup":
+        node.workerinput["rkv_loadgroup"] = True
 
 
 DESELECTED_KEY = pytest.StashKey[list]()
@@ -148,6 +159,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("rkv_backend", backends, indirect=True, scope="session", ids=backends)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         subject = _subject(item)

@@ -63,9 +63,9 @@ def test_one_tenant_cannot_exhaust_the_claim_budget_of_another(rkv):
     over = other.claim(ClaimRequest(prompt_token_ids=rkv.tokens("tenant-b-over", 1)))
     mine = rkv.claim("tenant-a-rest", budget - tenant_budget)
     refused = [e for e in other.events(0) if e.type == EventType.CLAIM_REFUSED]
-    rkv.record("tenant_b_fill", filled.status)
+    rkv.record("tenant_b_fill_admitted", filled.ok)
     rkv.record("tenant_b_over", {"status": over.status, "reason": over.error.reason if over.error else None})
-    rkv.record("tenant_a_rest", mine.status)
+    rkv.record("tenant_a_rest_admitted", mine.ok)
 
     assert filled.ok, f"tenant B could not claim its own budget of {tenant_budget} blocks: {filled.error}"
     assert not over.ok and over.status == 409 and over.error.type == "no_admit", (
