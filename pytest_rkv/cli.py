@@ -178,7 +178,7 @@ def _verify(args: argparse.Namespace) -> int:
     from pytest_rkv.bundle import verify
 
     bundle = Path(args.bundle)
-    if not bundle.is_dir():
+    if bundle.is_symlink() or not bundle.is_dir():
         print(f"rkv verify: {bundle} is not a bundle directory", file=sys.stderr)
         return 2
     checks = verify(bundle)
@@ -197,8 +197,16 @@ def _matrix(args: argparse.Namespace) -> int:
     from pytest_rkv.matrix import html_page, markdown, row_from_bundle, row_from_check
 
     rows = []
+    problem = _path_problem(args.evidence_dir, "dir")
+    if problem:
+        print(f"rkv matrix: {problem}", file=sys.stderr)
+        return 2
     for given in args.paths:
         path = Path(given)
+        problem = _path_problem(given, "any")
+        if problem:
+            print(f"rkv matrix: {problem}", file=sys.stderr)
+            return 2
         if (path / "row.json").exists() or path.name == "row.json":
             rows.append(row_from_bundle(path))
         elif path.suffix in (".toml", ".json") or path.is_dir() and descriptor_files(path):
@@ -230,6 +238,13 @@ def _check(args: argparse.Namespace) -> int:
     from pytest_rkv.label import Label, check_file
     from pytest_rkv.matrix import render_check, render_matrix
 
+    problem = (_path_problem(args.suites, "dir") or _path_problem(args.evidence_dir, "dir")
+               or _path_problem(args.source_root, "dir") or _path_problem(args.all or None, "dir")
+               or _path_problem(args.descriptor, "file") or _path_problem(args.evidence, "file")
+               or _path_problem(args.events, "file"))
+    if problem:
+        print(f"rkv check: {problem}", file=sys.stderr)
+        return 2
     catalogue = SuiteCatalogue.scan(args.suites) if args.suites else SuiteCatalogue.default()
     options = dict(evidence_dir=args.evidence_dir, catalogue=catalogue,
                    source_root=Path(args.source_root) if args.source_root else None)
@@ -257,6 +272,23 @@ def _check(args: argparse.Namespace) -> int:
         return 2
     print(render_check(row))
     return 1 if row.label == Label.REJECTED else 0
+
+
+def _path_problem(given: str | None, kind: str) -> str | None:
+    """Why `given` cannot be read as a `kind` ("file", "dir" or "any"); None if it can, or
+    if nothing was given. A FIFO or device is refused: reading it could block forever."""
+    if given is None:
+        return None
+    from pathlib import Path
+
+    path = Path(given)
+    if not path.exists():
+        return f"{given}: no such file or directory"
+    if path.is_dir():
+        return None if kind in ("dir", "any") else f"{given}: is a directory, expected a file"
+    if not path.is_file():
+        return f"{given}: not a regular file (a FIFO, socket or device cannot be read safely)"
+    return None if kind in ("file", "any") else f"{given}: is a file, expected a directory"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_openapi)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except RecursionError:  # a deeply nested TOML or JSON document
+        print(f"rkv {args.command}: an input file is nested too deeply to read", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

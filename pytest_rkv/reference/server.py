@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from uvicorn.protocols.http.flow_control import CLOSE_HEADER
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pytest_rkv.contract import (
@@ -166,7 +167,9 @@ class RkvH11Protocol(H11Protocol):
                 self._counted = id(self.cycle)
                 self._served += 1
                 if self._served >= self.limits.requests_per_connection:
-                    self.cycle.keep_alive = False  # "connection: close" on this response
+                    # uvicorn echoes a request's "connection: close" on the response, then closes
+                    self.cycle.scope["headers"].append(CLOSE_HEADER)
+                    self.cycle.keep_alive = False
 
     def send_400_response(self, msg: str) -> None:
         pending = len(self.conn.trailing_data[0])
@@ -188,7 +191,7 @@ class RkvH11Protocol(H11Protocol):
 # -- the application -------------------------------------------------------------------
 
 
-def make_app(runtime: MicroRuntime, tenancy: Tenancy = Tenancy(), limits: Limits = Limits()) -> Starlette:
+def make_app(runtime: MicroRuntime, tenancy: Tenancy = Tenancy(), limits: Limits = Limits()):
     def caller(request: Request) -> Caller:
         try:
             return tenancy.caller(request.headers.get("authorization"))
@@ -255,9 +258,6 @@ def make_app(runtime: MicroRuntime, tenancy: Tenancy = Tenancy(), limits: Limits
 
     def endpoint(handler):
         async def run(request: Request) -> Response:
-            url_length = len(request.scope.get("raw_path", b"")) + len(request.scope.get("query_string", b""))
-            if url_length > limits.max_url_bytes:
-                return _error(414, "too_large", f"URL exceeds {limits.max_url_bytes} bytes")
             try:
                 return await handler(request)
             except _Refused as refused:
@@ -346,7 +346,27 @@ def make_app(runtime: MicroRuntime, tenancy: Tenancy = Tenancy(), limits: Limits
         Route("/v1/completions", endpoint(complete), methods=["POST"]),
         Route("/v1/models", endpoint(models), methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal})
+    return _guarded(app, limits)
+
+
+def _guarded(app, limits: Limits):
+    """Size limits on the request head, before routing. (h11 refuses a head that has not
+    ended within its buffer size; one that arrives whole but too large gets here.)"""
+
+    async def guard(scope, receive, send) -> None:
+        if scope["type"] == "http":
+            url = len(scope.get("raw_path", b"")) + len(scope.get("query_string", b""))
+            head = url + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if url > limits.max_url_bytes:
+                response = _error(414, "too_large", f"URL exceeds {limits.max_url_bytes} bytes")
+                return await response(scope, receive, send)
+            if head > limits.max_head_bytes:
+                response = _error(431, "too_large", f"request headers exceed {limits.max_head_bytes} bytes")
+                return await response(scope, receive, send)
+        await app(scope, receive, send)
+
+    return guard
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -357,7 +377,7 @@ class RkvServer:
     bad host or a port in use fails at once (OSError) and port 0 is resolved before
     anything is printed."""
 
-    def __init__(self, app: Starlette, host: str, port: int, limits: Limits) -> None:
+    def __init__(self, app, host: str, port: int, limits: Limits) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.create_server((host, port), family=family, backlog=limits.backlog)
         self.server_address = self.socket.getsockname()[:2]
