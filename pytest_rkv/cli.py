@@ -291,8 +291,15 @@ def _path_problem(given: str | None, kind: str) -> str | None:
     return None if kind in ("file", "any") else f"{given}: is a file, expected a directory"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (the usage block is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rkv", description="pytest-rkv: Resident KV Claims conformance")
+    parser = _Parser(prog="rkv", description="pytest-rkv: Resident KV Claims conformance")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the reference runtime over HTTP")

@@ -277,7 +277,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         backend = callspec.params["rkv_backend"]
         cls = driver_class(backend)
         record = {
-            "nodeid": item.nodeid,
+            "nodeid": item.nodeid.removesuffix(f"@{callspec.params['rkv_backend']}"),  # xdist's group tag
             "backend": backend,
             "depth": cls.depth,
             "routed": cls.routed,

@@ -472,19 +472,19 @@ class MicroRuntime:
                 fields=[{"loc": ["prompt_token_ids"], "msg": "shorter than one block"}],
             ))
         held = sum(len(c.hashes) for c in self._live())
-        over_budget = held + len(hashes) > self.claim_budget_blocks
-        if over_budget and "half_admit" in self.faults and held < self.claim_budget_blocks:
-            hashes = hashes[: self.claim_budget_blocks - held]
-            over_budget = False
+        room = self.claim_budget_blocks - held
         reason = None
-        if over_budget:
+        if held + len(hashes) > self.claim_budget_blocks:
             reason = (f"global claim budget: {held} of {self.claim_budget_blocks} blocks already claimed, "
                       f"{len(hashes)} more requested")
         elif tenant is not None and self.tenant_budget_blocks is not None and self._isolated():
             mine = sum(len(c.hashes) for c in self._live() if c.owner == tenant)
+            room = self.tenant_budget_blocks - mine
             if mine + len(hashes) > self.tenant_budget_blocks:
                 reason = (f"tenant claim budget: tenant {tenant} holds {mine} of its {self.tenant_budget_blocks} "
                           f"blocks, {len(hashes)} more requested")
+        if reason and "half_admit" in self.faults and room > 0:
+            hashes, reason = hashes[:room], None
         cached = self.pool.lookup(hashes)
         plan = None if reason else self._plan_room(len(hashes) - len(cached), keep=set(cached))
         if reason or plan is None:
