@@ -109,8 +109,19 @@ def invocation_problems(option, args: list[str]) -> list[str]:
 # -- environment, with secrets kept out -------------------------------------------------
 
 
+_SECRETS: set[str] = set()
+
+
+def register_secrets(values) -> None:
+    """Values to redact wherever they appear, whatever they are named (e.g. RKV API
+    tokens given in an ini file)."""
+    _SECRETS.update(v for v in values if v and len(v) >= 4)
+
+
 def redact(text: str) -> str:
-    """Remove secret values: env vars named like secrets, and URL passwords."""
+    """Remove secret values: registered ones, env vars named like secrets, URL passwords."""
+    for value in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(value, "<redacted>")
     for name, value in os.environ.items():
         if SECRET_NAME.search(name) and len(value) >= 4:
             text = text.replace(value, f"<redacted:{name}>")

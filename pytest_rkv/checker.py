@@ -158,6 +158,7 @@ TRACE_NEEDS: dict[str, _Needs] = {
     "reuse-attribution": _Needs((_g(_E.CLAIM_REUSED),)),
     "trace-reconstruction": _Needs((_g(_E.CLAIM_ACCEPTED),), ordered=True),
     "placement": _Needs((_g(_E.CLAIM_REUSED),)),
+    "claim-isolation": _Needs((_g(_E.CLAIM_ACCEPTED),)),
 }
 # Obligations where blocks stored again after their eviction mean "recomputed".
 _RECOMPUTE_SENSITIVE = frozenset({"materialization-failure", "demotion-restore", "reuse-attribution",

@@ -20,20 +20,31 @@ import sys
 def _serve(args: argparse.Namespace) -> int:
     from pytest_rkv.reference.runtime import FAULT_MODES, MicroRuntime
     from pytest_rkv.reference.server import serve
+    from pytest_rkv.reference.tenants import Tenancy
 
     try:
+        tenancy = Tenancy.from_env()
+        if args.admin_token_file:
+            tenancy = Tenancy(tenancy.tokens, _read_secret(args.admin_token_file))
         runtime = MicroRuntime(
             num_blocks=args.blocks, block_size=args.block_size,
             claim_budget_blocks=args.claim_budget, host_blocks=args.host_blocks,
-            faults=frozenset(args.fault), fault_injection=not args.no_fault_injection,
+            faults=frozenset(args.fault),
+            fault_injection=tenancy.admin_token is not None and not args.no_fault_injection,
+            tenancy=tenancy.enabled,
+            tenant_budget_blocks=args.tenant_budget if tenancy.enabled else None,
         )
-    except ValueError as exc:
-        print(f"rkv serve: {exc}", file=sys.stderr)
+        server = serve(runtime, args.host, args.port, tenancy)
+    except (ValueError, OSError) as exc:
+        print(f"rkv serve: {_one_line(exc, args)}", file=sys.stderr)
         return 2
-    server = serve(runtime, args.host, args.port)
     host, port = server.server_address[:2]
     faults = f" with fault modes {', '.join(sorted(args.fault))}" if args.fault else ""
-    print(f"RKV API v1 listening on http://{host}:{port}{faults}", flush=True)
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"RKV API v1 listening on http://{url_host}:{port}{faults}", flush=True)
+    if tenancy.enabled:
+        print(f"  tenants: {', '.join(tenancy.tenants)} (budget {args.tenant_budget} blocks each)", flush=True)
+    print(f"  admin routes (reset, faults): {'on' if tenancy.admin_token else 'off (no admin token)'}", flush=True)
     if args.fault:
         for f in args.fault:
             print(f"  fault {f}: {FAULT_MODES[f]}", flush=True)
@@ -44,6 +55,61 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def _one_line(exc: Exception, args: argparse.Namespace) -> str:
+    """A bind or configuration error as one sentence naming what to change."""
+    import errno
+
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EADDRINUSE:
+            return f"port {args.port} on {args.host} is already in use; pick another, or --port 0 for a free one"
+        return f"cannot bind {args.host}:{args.port}: {exc.strerror or exc}"
+    return " ".join(str(exc).split())
+
+
+def _read_secret(path: str) -> str:
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    return file.read_text().strip()
+
+
+def _count(least: int):
+    """An argparse type: an integer >= least, with a one-line error otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is below {least}")
+        return value
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+def _port(text: str) -> int:
+    value = _count(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0..65535)")
+    return value
+
+
+def _host(text: str) -> str:
+    import ipaddress
+    import re
+
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IP address or host name")
+    return text
 
 
 def _catalogue(args: argparse.Namespace) -> int:
@@ -132,8 +198,16 @@ def _matrix(args: argparse.Namespace) -> int:
     from pytest_rkv.matrix import html_page, markdown, runtime_rows
 
     bundles, files = [], []
+    problem = _path_problem(args.evidence_dir, "dir")
+    if problem:
+        print(f"rkv matrix: {problem}", file=sys.stderr)
+        return 2
     for given in args.paths:
         path = Path(given)
+        problem = _path_problem(given, "any")
+        if problem:
+            print(f"rkv matrix: {problem}", file=sys.stderr)
+            return 2
         if (path / "row.json").exists() or path.name == "row.json":
             bundles.append(path.parent if path.name == "row.json" else path)
         elif path.suffix in (".toml", ".json") or path.is_dir() and descriptor_files(path):
@@ -175,6 +249,13 @@ def _check(args: argparse.Namespace) -> int:
     from pytest_rkv.checker import Label, check_file
     from pytest_rkv.matrix import render_check, render_matrix
 
+    problem = (_path_problem(args.suites, "dir") or _path_problem(args.evidence_dir, "dir")
+               or _path_problem(args.source_root, "dir") or _path_problem(args.all or None, "dir")
+               or _path_problem(args.descriptor, "file") or _path_problem(args.evidence, "file")
+               or _path_problem(args.events, "file"))
+    if problem:
+        print(f"rkv check: {problem}", file=sys.stderr)
+        return 2
     catalogue = SuiteCatalogue.scan(args.suites) if args.suites else SuiteCatalogue.default()
     options = dict(evidence_dir=args.evidence_dir, catalogue=catalogue,
                    source_root=Path(args.source_root) if args.source_root else None)
@@ -204,22 +285,52 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if row.label == Label.REJECTED else 0
 
 
+def _path_problem(given: str | None, kind: str) -> str | None:
+    """Why `given` cannot be read as a `kind` ("file", "dir" or "any"); None if it can, or
+    if nothing was given. A FIFO or device is refused: reading it could block forever."""
+    if given is None:
+        return None
+    from pathlib import Path
+
+    path = Path(given)
+    if not path.exists():
+        return f"{given}: no such file or directory"
+    if path.is_dir():
+        return None if kind in ("dir", "any") else f"{given}: is a directory, expected a file"
+    if not path.is_file():
+        return f"{given}: not a regular file (a FIFO, socket or device cannot be read safely)"
+    return None if kind in ("file", "any") else f"{given}: is a file, expected a directory"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (the usage block is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rkv", description="pytest-rkv: Resident KV Claims conformance")
+    parser = _Parser(prog="rkv", description="pytest-rkv: Resident KV Claims conformance")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the reference runtime over HTTP")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    s.add_argument("--port", type=int, default=8400, help="port; 0 picks a free one")
-    s.add_argument("--blocks", type=int, default=80, help="usable blocks in the pool")
-    s.add_argument("--block-size", type=int, default=16, help="tokens per block")
-    s.add_argument("--claim-budget", type=int, default=64, help="blocks all claims may hold together")
-    s.add_argument("--host-blocks", type=int, default=80, help="host tier size for demotion (0: none)")
+    s.add_argument("--host", type=_host, default="127.0.0.1", help="address to bind (default: loopback only)")
+    s.add_argument("--port", type=_port, default=8400, help="port; 0 picks a free one")
+    s.add_argument("--blocks", type=_count(1), default=80, help="usable blocks in the pool")
+    s.add_argument("--block-size", type=_count(1), default=16, help="tokens per block")
+    s.add_argument("--claim-budget", type=_count(0), default=64, help="blocks all claims may hold together")
+    s.add_argument("--host-blocks", type=_count(0), default=80, help="host tier size for demotion (0: none)")
+    s.add_argument("--tenant-budget", type=_count(1), default=60,
+                   help="blocks one tenant's claims may hold together (with tenants; default 60)")
+    s.add_argument("--admin-token-file", metavar="FILE",
+                   help="file holding the admin token (else $RKV_ADMIN_TOKEN); without one, reset and "
+                        "faults are off. Tenants come from $RKV_TOKENS as TOKEN=TENANT,...")
     from pytest_rkv.reference.runtime import FAULT_MODES
 
     s.add_argument("--fault", action="append", default=[], choices=sorted(FAULT_MODES), metavar="MODE",
                    help="break one obligation on purpose (repeatable): " + ", ".join(sorted(FAULT_MODES)))
-    s.add_argument("--no-fault-injection", action="store_true", help="disable POST /v1/kv/faults")
+    s.add_argument("--no-fault-injection", action="store_true",
+                   help="disable POST /v1/kv/faults even with an admin token")
     s.set_defaults(func=_serve)
 
     sub.add_parser("catalogue", help="print the obligation catalogue").set_defaults(func=_catalogue)
@@ -254,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=_openapi)
 
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except RecursionError:  # a deeply nested TOML or JSON document
+        print(f"rkv {args.command}: an input file is nested too deeply to read", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

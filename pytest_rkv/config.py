@@ -6,8 +6,12 @@ ini key `rkv_x`, with the same help text.
 
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -44,7 +48,19 @@ OPTIONS: dict[str, tuple[str, str | None]] = {
         + ", ".join(FAULT_MODES),
         None,
     ),
+    "tenant-tokens": (
+        "RKV API v1.1 (rkv-http): bearer tokens of two tenants, comma-separated; the suite calls "
+        "as the first, isolation probes as the second (else $RKV_TENANT_TOKENS). Redacted in bundles",
+        None,
+    ),
+    "admin-token": (
+        "RKV API v1.1 (rkv-http): the admin token for reset and faults (else $RKV_ADMIN_TOKEN). "
+        "Redacted in bundles",
+        None,
+    ),
 }
+# Secrets may also come from the environment, so they need not sit on a command line.
+SECRET_ENV = {"tenant-tokens": "RKV_TENANT_TOKENS", "admin-token": "RKV_ADMIN_TOKEN"}
 
 
 @dataclass(frozen=True)
@@ -60,6 +76,11 @@ class RkvConfig:
     certify: bool
     descriptors: Path | None
     replay: Path | None = None
+    tenant_tokens: tuple[str, ...] = ()
+    admin_token: str | None = None
+
+    def secrets(self) -> list[str]:
+        return [t for t in (*self.tenant_tokens, self.admin_token) if t]
 
 
 CERTIFY_HELP = (
@@ -122,6 +143,8 @@ def get_config(config: pytest.Config) -> RkvConfig:
         refusal_s = float("nan")
     if not refusal_s > 0 or refusal_s == float("inf"):
         raise pytest.UsageError(f"--rkv-refusal-timeout must be a positive number of seconds, got {refusal!r}")
+    if not math.isfinite(startup_s) or startup_s <= 0:
+        raise pytest.UsageError(f"--rkv-startup-timeout must be a finite number of seconds > 0, got {startup!r}")
 
     faults = frozenset(_split(_value(config, "reference-fault")))
     unknown = faults - set(FAULT_MODES)
@@ -133,6 +156,8 @@ def get_config(config: pytest.Config) -> RkvConfig:
     url = _value(config, "url")
     if "rkv-http" in backends and not url:
         raise pytest.UsageError("--rkv-backend=rkv-http needs --rkv-url (the RKV API v1 server to test)")
+    if url is not None:
+        _check_url(url)
 
     replay = _value(config, "replay")
     if "replay" in backends and not replay:
@@ -144,6 +169,12 @@ def get_config(config: pytest.Config) -> RkvConfig:
     report_dir = Path(_value(config, "report-dir") or "rkv-report")
     if not report_dir.is_absolute():
         report_dir = Path(config.invocation_params.dir) / report_dir
+    _check_writable(report_dir)
+    tokens = _split(_value(config, "tenant-tokens") or os.environ.get(SECRET_ENV["tenant-tokens"]))
+    admin_token = _value(config, "admin-token") or os.environ.get(SECRET_ENV["admin-token"]) or None
+    if len(set(tokens)) != len(tokens) or (admin_token and admin_token in tokens):
+        raise pytest.UsageError("--rkv-tenant-tokens/--rkv-admin-token: each tenant needs its own token, "
+                                "and the admin token must differ from them")
     descriptors = _value(config, "descriptors")
     if descriptors is not None:
         descriptors_dir = Path(config.invocation_params.dir) / descriptors
@@ -163,4 +194,33 @@ def get_config(config: pytest.Config) -> RkvConfig:
         certify=bool(config.getoption("rkv_certify") or config.getini("rkv_certify")),
         descriptors=descriptors_dir,
         replay=replay_dir,
+        tenant_tokens=tuple(tokens),
+        admin_token=admin_token,
     )
+
+
+def _check_url(url: str) -> None:
+    parts = urlsplit(url)
+    try:
+        parts.port  # raises on a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise pytest.UsageError(f"--rkv-url: {url!r} has a bad port ({exc})") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise pytest.UsageError(f"--rkv-url: {url!r} is not an http:// or https:// URL with a host")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise pytest.UsageError(f"--rkv-url: {url!r} must be a base URL (no credentials, query or fragment)")
+
+
+def _check_writable(report_dir: Path) -> None:
+    """The report directory must be a directory we can write (or create), checked now, not
+    after the first backend has run."""
+    existing = report_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise pytest.UsageError(f"--rkv-report-dir: {existing} exists and is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise pytest.UsageError(f"--rkv-report-dir: cannot write in {existing}: {exc.strerror or exc}") from None

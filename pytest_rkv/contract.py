@@ -20,6 +20,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 API_VERSION = "rkv/1"
+# Revision 1.1 adds tenants (bearer tokens), per-tenant budgets, admin-only reset and
+# faults, a seq that never restarts, bounded event retention with paging. It is backward
+# compatible: a v1 client that sends no token talks to a server with no tenants as before.
+API_REVISION = "1.1"
 SUITE_VERSION = "0.1.0"
 
 
@@ -30,7 +34,13 @@ class _Model(BaseModel):
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: no coercion ("1", 1.0, true and "yes" are not integers or booleans), no
+    # NaN or Infinity, bounded ids and strings, so nothing odd is stored and echoed back.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Name = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 # --------------------------------------------------------------------------------------
@@ -116,6 +126,8 @@ class EventType(str, enum.Enum):
     # block-level substrate (no claim): ordinary caching and eviction
     BLOCKS_STORED = "blocks.stored"
     BLOCKS_EVICTED = "blocks.evicted"
+    # the runtime dropped every claim and cached block; seq goes on counting (v1.1)
+    RUNTIME_RESET = "runtime.reset"
 
 
 # Which state change each lifecycle event reports. Used both by the reference runtime
@@ -154,12 +166,12 @@ Tier = Literal["device", "host"]
 class ClaimRequest(_Request):
     """Body of `POST /v1/kv/claims`."""
 
-    prompt_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    prompt_token_ids: Annotated[list[TokenId], Field(min_length=1)]
     strength: Strength = "hard"
-    ttl_s: Annotated[float, Field(gt=0)] | None = None
+    ttl_s: Annotated[float, Field(gt=0, le=1e7, allow_inf_nan=False)] | None = None
     demotable: bool = False
-    client_id: str | None = None
-    tenant: str | None = None
+    client_id: Name | None = None
+    tenant: Name | None = None
 
 
 class Claim(_Model):
@@ -202,8 +214,17 @@ class Event(_Model):
 
 
 class EventPage(_Model):
+    """`GET /v1/kv/events?after=SEQ&limit=N`: at most `limit` events with seq > after.
+
+    `last_seq` is the seq of the last event on this page (or `after` when it is empty):
+    pass it as the next `after`. `more` says another page is waiting. The runtime keeps a
+    bounded window of events; `oldest_seq` is the first seq still available (0 when none),
+    so a poller whose `after` is below `oldest_seq - 1` knows it missed events."""
+
     events: list[Event]
     last_seq: int
+    more: bool = False
+    oldest_seq: int = 0
 
 
 class PoolState(_Model):
@@ -218,16 +239,19 @@ class PoolState(_Model):
     claim_budget_blocks: int
     host_total_blocks: int = 0
     host_used_blocks: int = 0
+    # v1.1: what one tenant's claims may hold together (None: no per-tenant bound). With
+    # tenants, `claimed_blocks` lists only the caller's own claims.
+    tenant_budget_blocks: int | None = None
 
 
 class CompletionRequest(_Request):
     """Body of `POST /v1/completions` (an OpenAI-compatible subset, token ids only)."""
 
-    model: str | None = None
-    prompt: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+    model: Name | None = None
+    prompt: Annotated[list[TokenId], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1, le=4096)] = 1
-    claim_id: str | None = None
-    request_id: str | None = None
+    claim_id: Name | None = None
+    request_id: Name | None = None
 
 
 class ClaimReuse(_Model):
@@ -290,6 +314,13 @@ class ErrorBody(_Model):
         "invalid_request",  # validation failure (422), see `fields`
         "unsupported",  # the runtime does not offer this route or fault (501)
         "capacity",  # larger than the whole pool, no claim involved (400)
+        "unauthorized",  # no or unknown bearer token where tenants are configured (401)
+        "forbidden",  # a token that may not do this, e.g. a tenant on an admin route (403)
+        "bad_request",  # not HTTP the server can parse (400)
+        "method_not_allowed",  # the route exists, the method does not (405)
+        "timeout",  # headers or body not received in time (408)
+        "too_large",  # body, URL or headers over the server's limits (413, 414, 431)
+        "internal",  # a bug in the server (500); the reference server never means to send it
     ]
     message: str
     reason: str | None = None
@@ -314,7 +345,7 @@ class FaultRequest(_Request):
     """Body of `POST /v1/kv/faults` (opt-in test route)."""
 
     kind: FaultKind
-    claim_id: str | None = None
+    claim_id: Name | None = None
 
 
 class RuntimeInfo(_Model):
@@ -328,6 +359,8 @@ class RuntimeInfo(_Model):
     fault_injection: bool = False
     demotion: bool = False
     routed: bool = False
+    # v1.1: callers are tenants identified by bearer tokens; claims are tenant-scoped.
+    tenancy: bool = False
 
 
 # --------------------------------------------------------------------------------------
@@ -344,6 +377,7 @@ LITMUS_CASES = (
     "expiry",
     "active_refusal",
     "trace_reconstruction",
+    "tenant_isolation",
 )
 
 
@@ -463,6 +497,15 @@ OBLIGATIONS: tuple[Obligation, ...] = (
         "and request.",
         ("trace_reconstruction",),
         ("block_events",),
+    ),
+    Obligation(
+        "claim-isolation",
+        "Claim isolation between tenants",
+        "A runtime that declares tenancy MUST NOT let one tenant read, release, see the events or "
+        "block hashes of, or reuse another tenant's claim, and MUST bound the blocks one tenant's "
+        "claims may hold below the global claim budget.",
+        ("tenant_isolation",),
+        (),
     ),
     Obligation(
         "placement",

@@ -312,7 +312,7 @@ class Call(_Doc):
 
     test: str  # nodeid of the test, as in row.json
     i: int = Field(ge=0)  # position in the test's transcript
-    method: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    method: str = Field(pattern=r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")  # view.method for a driver view
     args: dict[str, Any]  # bound arguments, defaults applied, encoded
     returned: Any = None
     raised: Raised | None = None

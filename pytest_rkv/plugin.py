@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from pytest_rkv.certify import register_secrets
 from pytest_rkv.certify import command_line, environment, invocation_problems, suite_files, suite_hash, target_dir
 from pytest_rkv.config import RkvConfig, add_options, get_config
 from pytest_rkv.contract import OBLIGATIONS, OBLIGATIONS_BY_ID, SUBSTRATES_BY_ID, TestOutcome
@@ -73,6 +74,7 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", f"{_marker_name(ob.id)}: {ob.title} (added to its tests)")
     rkv_config = get_config(config)
     config.stash[CONFIG_KEY] = rkv_config
+    register_secrets(rkv_config.secrets())  # tokens from options, ini or env: never in a bundle
     config.stash[RUNTIMES_KEY] = {}
     config.stash[CURSORS_KEY] = {}
     if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
@@ -108,6 +110,17 @@ def pytest_configure(config: pytest.Config) -> None:
         # (xdist chose "load" for -n in its cmdline_main; workers copy options later.)
         if getattr(config.option, "dist", "no") == "load":
             config.option.dist = "loadgroup"
+    elif config.workerinput.get("rkv_loadgroup"):
+        # Workers do not see the controller's late switch to loadgroup; without this they
+        # never tag node ids with the group and one backend's tests spread over workers.
+        config.option.loadgroup = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist controller: tell each worker that its backends are grouped."""
+    if getattr(node.config.option, "dist", "no") == "loadgroup":
+        node.workerinput["rkv_loadgroup"] = True
 
 
 DESELECTED_KEY = pytest.StashKey[list]()
@@ -153,6 +166,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("rkv_backend", backends, indirect=True, scope="session", ids=backends)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         subject = _subject(item)
@@ -197,6 +211,8 @@ def rkv_backend(request: pytest.FixtureRequest, rkv_config: RkvConfig, tmp_path_
         refusal_timeout=rkv_config.refusal_timeout,
         reference_faults=rkv_config.reference_faults,
         replay=rkv_config.replay,
+        tenant_tokens=rkv_config.tenant_tokens,
+        admin_token=rkv_config.admin_token,
     )
     driver = driver_class(name)(settings)
     request.addfinalizer(driver.stop)  # registered before start: a failed start cleans up too
@@ -282,7 +298,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         events = _capture_trace(item, backend) if report.when == "call" else []
         recorder = item.stash.get(RECORDER_KEY, None)
         record = {
-            "nodeid": item.nodeid,
+            "nodeid": item.nodeid.removesuffix(f"@{callspec.params['rkv_backend']}"),  # xdist's group tag
             "backend": backend,
             "depth": driver.depth,
             "routed": driver.routed,

@@ -169,7 +169,9 @@ def test_claim_over_budget_is_refused_whole(rkv):
         f"{too_many} blocks, no claim id)"
     )
 
-    within = rkv.claim("within-budget", before.claim_budget_blocks)
-    assert within.ok and within.value.blocks == before.claim_budget_blocks, (
-        f"a claim of exactly the {before.claim_budget_blocks}-block budget must be admitted: {within.error}"
+    # The budget that binds this caller: the global one, or its tenant's when smaller (v1.1).
+    budget = min(b for b in (before.claim_budget_blocks, before.tenant_budget_blocks) if b is not None)
+    within = rkv.claim("within-budget", budget)
+    assert within.ok and within.value.blocks == budget, (
+        f"a claim of exactly the {budget}-block budget must be admitted: {within.error}"
     )

@@ -83,7 +83,9 @@ def example_backend():
 
 def test_the_example_out_of_tree_backend_earns_its_row(example_backend, tmp_path):
     report = tmp_path / "report"
-    env = {**os.environ, "RKV_COMMAND": example_backend}
+    # RKV API v1.1: the server gets two tenants and an admin token, the plugin the same tokens
+    env = {**os.environ, "RKV_COMMAND": example_backend, "RKV_TOKENS": "tenant-a-token-1=a,tenant-b-token-2=b",
+           "RKV_ADMIN_TOKEN": "admin-token-3456", "RKV_TENANT_TOKENS": "tenant-a-token-1,tenant-b-token-2"}
     listed = subprocess.run([sys.executable, "-m", "pytest_rkv.cli", "backends"], capture_output=True, text=True,
                             env=env, check=True).stdout
     assert any(line.startswith("command ") and "rkv-command-backend" in line and "depth native" in line

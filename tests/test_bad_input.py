@@ -84,7 +84,6 @@ def server():
         ("/v1/kv/claims", {"prompt_token_ids": [1], "colour": "red"}, "colour"),
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": [1], "max_tokens": 0}, "max_tokens"),
-        ("/v1/kv/faults", {"kind": "meteor"}, "kind"),
     ],
 )
 def test_malformed_requests_get_422_with_the_field(server, path, body, field):

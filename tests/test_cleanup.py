@@ -1,5 +1,6 @@
 """Servers the suite starts never outlive it; `rkv-http` tests a server someone else runs."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -30,8 +31,11 @@ def test_ctrl_c_during_a_run_leaves_no_server(tmp_path):
 
 
 def test_rkv_http_against_a_running_server_is_native(run_suites, tmp_path):
+    # RKV API v1.1: two tenants and an admin token, handed to the plugin as options
+    tokens, admin = ("tenant-a-token-1", "tenant-b-token-2"), "admin-token-3456"
+    env = {**os.environ, "RKV_TOKENS": f"{tokens[0]}=a,{tokens[1]}=b", "RKV_ADMIN_TOKEN": admin}
     server = ManagedProcess([sys.executable, "-m", "pytest_rkv.cli", "serve", "--port", "0"],
-                            log_path=tmp_path / "serve.log", name="rkv serve")
+                            log_path=tmp_path / "serve.log", name="rkv serve", env=env)
     url = []
 
     def ready() -> bool:
@@ -43,7 +47,8 @@ def test_rkv_http_against_a_running_server_is_native(run_suites, tmp_path):
 
     server.start(ready, timeout=30)
     try:
-        run = run_suites("--rkv-backend=rkv-http", f"--rkv-url={url[0]}")
+        run = run_suites("--rkv-backend=rkv-http", f"--rkv-url={url[0]}",
+                         f"--rkv-tenant-tokens={','.join(tokens)}", f"--rkv-admin-token={admin}")
         row = run.row("rkv-http")
         assert row["label"] == "native conformance", row["reason"]
         assert row["runtime"] == "pytest-rkv-reference"

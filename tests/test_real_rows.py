@@ -69,6 +69,7 @@ def test_stock_vllm_row_is_approximation_substrate(session):
     assert {v["outcome"] for v in row["substrates"].values()} == {"passed"}
     unsupported = [k for k, v in row["obligations"].items() if v["outcome"] == "unsupported"]
     assert "active-refusal" in unsupported and "claim-identity" in unsupported
+    assert "claim-isolation" in unsupported  # no tenants; cache_salt is not a lowering (vllm.toml)
     assert not [k for k, v in row["obligations"].items() if v["outcome"] in ("passed", "error")]
 
 
@@ -94,8 +95,9 @@ def test_vllm_with_the_adapter_is_adapter_scoped(session):
     assert row["label"] == "adapter-scoped evidence", row["reason"]
     assert row["depth"] == "adapter"
     outside = {k: v for k, v in row["obligations"].items() if v["outcome"] != "passed"}
-    assert set(outside) == {"demotion-restore", "placement"}, outside
+    assert set(outside) == {"demotion-restore", "placement", "claim-isolation"}, outside
     assert outside["demotion-restore"]["outcome"] == "unsupported"
+    assert outside["claim-isolation"]["outcome"] == "unsupported"  # the adapter has no tenants
 
 
 def test_adapter_refuses_the_canonical_probe_and_keeps_the_claim(session):

@@ -67,6 +67,11 @@ class DriverSettings:
     refusal_timeout: float = 30.0
     reference_faults: frozenset[str] = frozenset()
     replay: Path | None = None  # the bundle the replay backend serves (rkv verify)
+    # RKV API v1.1 (rkv-http): bearer tokens of two tenants (the suite calls as the first,
+    # isolation probes as the second) and the admin token for reset and faults. Secrets:
+    # never logged, redacted in bundles.
+    tenant_tokens: tuple[str, ...] = ()
+    admin_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,6 +154,13 @@ class Driver(ABC):
 
     def pool(self) -> PoolState:
         raise Unsupported(f"{self.name} reports no pool state")
+
+    def other_tenant(self) -> "Driver":
+        """The same backend as seen by a second tenant (claim-isolation probes): a driver
+        whose calls carry another tenant's identity. Unsupported(scope="feature") when the
+        runtime declares no tenancy; scope="probe" when it does but no second identity is
+        configured."""
+        raise Unsupported(f"{self.name} declares no tenancy")
 
     def inject_fault(self, req: FaultRequest) -> None:
         raise Unsupported(f"{self.name} offers no fault injection", scope="probe")

@@ -6,7 +6,10 @@
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+import secrets
 import sys
 from typing import TypeVar
 
@@ -27,6 +30,7 @@ from pytest_rkv.contract import (
 )
 from pytest_rkv.drivers.base import Driver, Reply
 from pytest_rkv.drivers.process import ManagedProcess
+from pytest_rkv.drivers.reference import TENANT_BUDGET_BLOCKS, TENANTS
 from pytest_rkv.errors import (
     BackendCrashed,
     HarnessError,
@@ -35,6 +39,7 @@ from pytest_rkv.errors import (
     ServerStartError,
     Unsupported,
 )
+from pytest_rkv.reference.tenants import ADMIN_TOKEN_ENV, TOKENS_ENV
 
 M = TypeVar("M", bound=BaseModel)
 TIMEOUT = 30.0
@@ -65,7 +70,18 @@ class RkvHttpDriver(Driver):
     def __init__(self, settings) -> None:
         super().__init__(settings)
         self.base_url = (settings.url or "").rstrip("/")
-        self.http = requests.Session()
+        self.tokens, self.admin_token = tuple(settings.tenant_tokens), settings.admin_token
+        self.http = self._session(self.tokens[0] if self.tokens else None)
+
+    @staticmethod
+    def _session(token: str | None) -> requests.Session:
+        session = requests.Session()
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
+        return session
+
+    def _admin_headers(self) -> dict[str, str] | None:
+        return {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else None
 
     def start(self) -> None:
         if not self.base_url:
@@ -84,12 +100,14 @@ class RkvHttpDriver(Driver):
 
     # -- plumbing --------------------------------------------------------------------
     def _call(self, method: str, path: str, model: type[M], body: BaseModel | None = None,
-              params: dict | None = None, answer_wait: float | None = None) -> Reply[M]:
+              params: dict | None = None, headers: dict | None = None,
+              answer_wait: float | None = None) -> Reply[M]:
         """One API call. With `answer_wait`, a server that is alive but does not answer
         within that many seconds raises `NoAnswer` (the bounded wait for completions)."""
         try:
             resp = self.http.request(
-                method, self.base_url + path, params=params, timeout=(TIMEOUT, answer_wait or TIMEOUT),
+                method, self.base_url + path, params=params, headers=headers,
+                timeout=(TIMEOUT, answer_wait or TIMEOUT),
                 json=None if body is None else body.model_dump(mode="json", exclude_none=True),
             )
         except requests.ReadTimeout as exc:
@@ -113,9 +131,13 @@ class RkvHttpDriver(Driver):
         return self._get("/v1/kv/info", RuntimeInfo)
 
     def reset(self) -> None:
-        reply = self._call("POST", "/v1/kv/reset", PoolState)
+        reply = self._call("POST", "/v1/kv/reset", PoolState, headers=self._admin_headers())
         if reply.status in (404, 501):
-            raise HarnessError(f"{self.base_url} offers no POST /v1/kv/reset; tests cannot start from a clean pool")
+            raise HarnessError(f"{self.base_url} offers no POST /v1/kv/reset; tests cannot start from a clean pool "
+                               "(an RKV API v1.1 server needs an admin token: --rkv-admin-token)")
+        if reply.status in (401, 403):
+            raise HarnessError(f"{self.base_url} refused POST /v1/kv/reset ({reply.status}): "
+                               "check --rkv-admin-token")
         pool = reply.unwrap()
         if pool.claimed_blocks or pool.active_blocks or pool.free_blocks != pool.total_blocks:
             raise HarnessError(f"pool not empty after reset: {pool}")
@@ -134,13 +156,29 @@ class RkvHttpDriver(Driver):
                           answer_wait=self.settings.refusal_timeout)
 
     def events(self, after: int = 0) -> list[Event]:
-        return self._get("/v1/kv/events", EventPage, after=after).events
+        found: list[Event] = []
+        while True:  # v1 servers answer one page with no `more`
+            page = self._get("/v1/kv/events", EventPage, after=after)
+            found += page.events
+            if not page.more or page.last_seq <= after:
+                return found
+            after = page.last_seq
+
+    def other_tenant(self) -> "RkvHttpDriver":
+        if not self.info().tenancy:
+            raise Unsupported(f"{self.base_url} declares no tenancy (GET /v1/kv/info: tenancy false)")
+        if len(self.tokens) < 2:
+            raise Unsupported(f"{self.base_url} declares tenancy, but no second tenant's token is configured "
+                              "(--rkv-tenant-tokens=TOKEN_A,TOKEN_B)", scope="probe")
+        view = copy.copy(self)
+        view.http = self._session(self.tokens[1])
+        return view
 
     def pool(self) -> PoolState:
         return self._get("/v1/kv/pool", PoolState)
 
     def inject_fault(self, req: FaultRequest) -> None:
-        reply = self._call("POST", "/v1/kv/faults", FaultRequest, req)
+        reply = self._call("POST", "/v1/kv/faults", FaultRequest, req, headers=self._admin_headers())
         if reply.status in (404, 501):
             raise Unsupported(f"{self.base_url} offers no fault injection route", scope="probe")
         reply.unwrap()
@@ -161,10 +199,18 @@ class ReferenceHttpDriver(RkvHttpDriver):
     def start(self) -> None:
         log_path = self.settings.workdir / "reference-http.log"
         argv = [sys.executable, "-m", "pytest_rkv.cli", "serve", "--port", "0",
-                "--block-size", str(self.settings.block_size or 16)]
+                "--block-size", str(self.settings.block_size or 16),
+                "--tenant-budget", str(TENANT_BUDGET_BLOCKS)]
         for fault in sorted(self.settings.reference_faults):
             argv += ["--fault", fault]
-        self.server = ManagedProcess(argv, log_path=log_path, name="rkv serve")
+        # Fresh secrets per start, handed over in the environment (never on the command
+        # line, which `ps` and the evidence show).
+        self.tokens = tuple(secrets.token_urlsafe(16) for _ in TENANTS)
+        self.admin_token = secrets.token_urlsafe(16)
+        env = {**os.environ, TOKENS_ENV: ",".join(f"{t}={n}" for t, n in zip(self.tokens, TENANTS)),
+               ADMIN_TOKEN_ENV: self.admin_token}
+        self.http = self._session(self.tokens[0])
+        self.server = ManagedProcess(argv, log_path=log_path, name="rkv serve", env=env)
 
         def ready() -> bool:
             found = _LISTEN.findall(self.server.log_tail(200))

@@ -152,12 +152,17 @@ def _public_method(driver: Driver, name: str) -> bool:
 
 
 class Recorder:
-    """A driver as one test sees it: calls pass through and are noted in order."""
+    """A driver as one test sees it: calls pass through and are noted in order.
 
-    def __init__(self, driver: Driver, test: str) -> None:
+    A method that answers with another driver (a view of the same runtime, such as
+    `other_tenant()`) is recorded as `{"$driver": <method>}`, and the view's own calls go
+    to the same transcript, named `<method>.<call>`."""
+
+    def __init__(self, driver: Driver, test: str, calls: list[dict] | None = None, prefix: str = "") -> None:
         self._driver = driver
         self._test = test
-        self.calls: list[dict] = []
+        self._prefix = prefix
+        self.calls: list[dict] = [] if calls is None else calls
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._driver, name)
@@ -168,7 +173,7 @@ class Recorder:
         def call(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            entry: dict[str, Any] = {"test": self._test, "i": len(self.calls), "method": name,
+            entry: dict[str, Any] = {"test": self._test, "i": len(self.calls), "method": self._prefix + name,
                                      "args": {k: encode(v) for k, v in bound.arguments.items()}}
             self.calls.append(entry)
             try:
@@ -176,6 +181,9 @@ class Recorder:
             except Exception as exc:
                 entry["raised"] = encode_exception(exc).model_dump(mode="json")
                 raise
+            if isinstance(result, Driver):
+                entry["returned"] = {"$driver": self._prefix + name}
+                return Recorder(result, self._test, self.calls, prefix=f"{self._prefix}{name}.")
             entry["returned"] = encode(result)
             return result
 
@@ -227,6 +235,8 @@ class ReplayDriver(Driver):
                 f"has {recorded.method}({_brief(recorded.args)})")
         if recorded.raised is not None:
             raise decode_exception(recorded.raised)
+        if isinstance(recorded.returned, dict) and set(recorded.returned) == {"$driver"}:
+            return _ReplayView(self, f"{recorded.returned['$driver']}.")
         return decode(recorded.returned)
 
     def __getattribute__(self, name: str) -> Any:
@@ -255,6 +265,28 @@ class ReplayDriver(Driver):
 
     def complete(self, req):  # pragma: no cover - served by __getattribute__
         raise AssertionError
+
+
+class _ReplayView:
+    """A driver view the recorded test got from a driver method (e.g. `other_tenant()`):
+    its calls are served from the same transcript under the view's prefix."""
+
+    def __init__(self, replay: ReplayDriver, prefix: str) -> None:
+        self._replay, self._prefix = replay, prefix
+
+    def __getattr__(self, name: str) -> Any:
+        target = _method_of(self._replay.recorded_backend, name)
+        if target is None or name.startswith("_"):
+            raise AttributeError(name)
+        signature = inspect.signature(target)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(None, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = {k: encode(v) for k, v in list(bound.arguments.items())[1:]}
+            return self._replay.serve(self._prefix + name, arguments)
+
+        return call
 
 
 _OWN = frozenset({"bundle", "row", "transcripts", "recorded_backend", "depth", "routed", "settings",

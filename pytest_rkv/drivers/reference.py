@@ -2,9 +2,13 @@
 
 It goes through exactly the same models as `reference-http`, so the two rows must agree;
 only the transport differs. Time runs on a fake clock, so expiry tests take no wall time.
+Like `reference-http`, the runtime has two tenants: the suite calls as `TENANTS[0]`,
+isolation probes as `TENANTS[1]`; reset and faults are the operator's (no tenant).
 """
 
 from __future__ import annotations
+
+import copy
 
 from pytest_rkv.contract import (
     Claim,
@@ -18,12 +22,17 @@ from pytest_rkv.contract import (
 )
 from pytest_rkv.drivers.base import Driver, Reply
 from pytest_rkv.errors import HarnessError, NoAnswer, Unsupported
-from pytest_rkv.reference.runtime import ApiError, FakeClock, MicroRuntime
+from pytest_rkv.reference.runtime import EVENT_PAGE_LIMIT, ApiError, FakeClock, MicroRuntime
+
+TENANTS = ("tenant-a", "tenant-b")
+TENANT_BUDGET_BLOCKS = 60  # the canonical resident claim fits; the global budget is 64
 
 
 class ReferenceDriver(Driver):
     name = "reference"
     depth = "native"
+
+    tenant = TENANTS[0]
 
     def start(self) -> None:
         self.clock = FakeClock()
@@ -32,6 +41,8 @@ class ReferenceDriver(Driver):
             clock=self.clock,
             faults=self.settings.reference_faults,
             park=self._no_answer,
+            tenancy=True,
+            tenant_budget_blocks=TENANT_BUDGET_BLOCKS,
         )
 
     def _no_answer(self, request_id: str) -> None:
@@ -39,6 +50,11 @@ class ReferenceDriver(Driver):
         the fake clock, and the caller gets what an HTTP driver raises after it."""
         self.clock.advance(self.settings.refusal_timeout)
         raise NoAnswer(self.settings.refusal_timeout, f"request {request_id} sent; no answer")
+
+    def other_tenant(self) -> "ReferenceDriver":
+        view = copy.copy(self)
+        view.tenant = TENANTS[1]
+        return view
 
     def _reply(self, call, *args) -> Reply:
         try:
@@ -56,22 +72,28 @@ class ReferenceDriver(Driver):
             raise HarnessError(f"pool not empty after reset: {pool}")
 
     def claim(self, req: ClaimRequest) -> Reply[Claim]:
-        return self._reply(self.runtime.create_claim, req)
+        return self._reply(self.runtime.create_claim, req, self.tenant)
 
     def get_claim(self, claim_id: str) -> Reply[Claim]:
-        return self._reply(self.runtime.get_claim, claim_id)
+        return self._reply(self.runtime.get_claim, claim_id, self.tenant)
 
     def release(self, claim_id: str) -> Reply[Claim]:
-        return self._reply(self.runtime.release_claim, claim_id)
+        return self._reply(self.runtime.release_claim, claim_id, self.tenant)
 
     def complete(self, req: CompletionRequest) -> Reply[Completion]:
-        return self._reply(self.runtime.complete, req)
+        return self._reply(self.runtime.complete, req, self.tenant)
 
     def events(self, after: int = 0) -> list[Event]:
-        return self.runtime.events(after).events
+        found: list[Event] = []
+        while True:
+            page = self.runtime.events(after, EVENT_PAGE_LIMIT, tenant=self.tenant)
+            found += page.events
+            if not page.more:
+                return found
+            after = page.last_seq
 
     def pool(self) -> PoolState:
-        return self.runtime.pool_state()
+        return self.runtime.pool_state(tenant=self.tenant)
 
     def inject_fault(self, req: FaultRequest) -> None:
         try:

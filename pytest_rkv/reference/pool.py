@@ -25,10 +25,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 
-def block_hashes(token_ids: list[int], block_size: int) -> list[str]:
-    """Chained hashes of the full blocks of a prompt (the partial tail has none)."""
+def block_hashes(token_ids: list[int], block_size: int, salt: str | None = None) -> list[str]:
+    """Chained hashes of the full blocks of a prompt (the partial tail has none).
+
+    A `salt` (the tenant) seeds the chain, as vLLM's `cache_salt` does: equal prompts of
+    different tenants get different hashes, so they never share (or reveal) cached blocks."""
     hashes: list[str] = []
-    parent = "rkv-root"
+    parent = "rkv-root" if salt is None else f"rkv-root|{salt}"
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         chunk = ",".join(map(str, token_ids[start : start + block_size]))
         parent = hashlib.sha256(f"{parent}|{chunk}".encode()).hexdigest()[:16]

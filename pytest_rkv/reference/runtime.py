@@ -13,6 +13,13 @@ show that every obligation test fails on a runtime that breaks it.
 
 Every public method takes the runtime lock: the HTTP server calls it from many threads.
 Errors are returned as `ApiError`, which carries the HTTP status and the error body.
+
+Tenants (RKV API v1.1): public methods take the caller's `tenant` (None: not scoped, i.e.
+no tenancy, or the admin). A tenant's claims and prompts are salted with its name, so
+equal prompts of two tenants share no blocks (vLLM's `cache_salt` does the same); a tenant
+sees only its own claims, events and block hashes; another tenant affects it only through
+pool arbitration (its hard claims may refuse my request, my request may harm its soft
+claims), and then neither learns the other's claim ids or request ids.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import itertools
 import math
 import threading
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -84,7 +92,12 @@ FAULT_MODES: dict[str, str] = {
     "partial_reuse_full_tokens": "reuse-attribution: a partial-prefix reuse is credited the claim's full tokens",
     "restore_after_reuse": "demotion-restore: the restore event comes after the reuse it served",
     "budget_off_by_one": "write-no-admit: a claim exactly filling the budget is refused",
+    "tenant_blind": "claim-isolation: tenants read, release and reuse each other's claims, one budget for all",
 }
+
+EVERYONE = "*"  # owner of events every tenant sees (a reset)
+OTHER_TENANTS = "(another tenant)"  # what a tenant sees in place of another's ids
+EVENT_PAGE_LIMIT = 1000  # most events one GET /v1/kv/events returns
 
 
 class Parked(Exception):
@@ -120,7 +133,9 @@ class _Claim:
     expires_at: float | None
     client_id: str | None
     tenant: str | None
+    owner: str | None = None  # the tenant whose token created it (None: no tenancy)
     state: ClaimState = ClaimState.ACCEPTED
+    ended_at: float | None = None  # when it reached a terminal state (for pruning)
     tier: str = "device"
     host_hashes: list[str] = field(default_factory=list)
     reason: str | None = None
@@ -153,37 +168,100 @@ class MicroRuntime:
         faults: frozenset[str] = frozenset(),
         fault_injection: bool = True,
         park: Callable[[str], None] = park_forever,
+        tenancy: bool = False,
+        tenant_budget_blocks: int | None = None,
+        event_retention: int = 10_000,
+        claim_retention_s: float = 600.0,
+        ended_claims_kept: int = 1_000,
     ) -> None:
         unknown = set(faults) - set(FAULT_MODES)
         if unknown:
             raise ValueError(
                 f"unknown fault mode(s) {sorted(unknown)}; known: {', '.join(FAULT_MODES)}"
             )
+        for name, value, least in (("blocks", num_blocks, 1), ("block size", block_size, 1),
+                                   ("claim budget", claim_budget_blocks, 0), ("host blocks", host_blocks, 0),
+                                   ("event retention", event_retention, 1), ("ended claims kept", ended_claims_kept, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if tenant_budget_blocks is not None and (not isinstance(tenant_budget_blocks, int) or tenant_budget_blocks < 1):
+            raise ValueError(f"tenant budget must be a positive integer, got {tenant_budget_blocks!r}")
+        if not (isinstance(claim_retention_s, (int, float)) and math.isfinite(claim_retention_s) and claim_retention_s >= 0):
+            raise ValueError(f"claim retention must be a finite number of seconds >= 0, got {claim_retention_s!r}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.claim_budget_blocks, self.host_blocks = claim_budget_blocks, host_blocks
         self.clock, self.faults, self.fault_injection = clock, frozenset(faults), fault_injection
         self.park = park  # called, outside the lock, for a request the fault leaves unanswered
+        self.tenancy, self.tenant_budget_blocks = tenancy, tenant_budget_blocks
+        self.event_retention, self.claim_retention_s = event_retention, claim_retention_s
+        self.ended_claims_kept = ended_claims_kept
         self._lock = threading.RLock()
-        self.reset()
+        # seq and ids count for the runtime's whole life: a reset is an event, never a
+        # renumbering, so a poller at `after=N` misses nothing and an old id never names a
+        # new claim.
+        self._seq = itertools.count(1)
+        self._ids = itertools.count(1)
+        self._events: deque[tuple[str | None, Event]] = deque(maxlen=event_retention)
+        self._actor: str | None = None  # the tenant of the operation in progress
+        self._clear()
 
     # ---------------------------------------------------------------- bookkeeping
-    def reset(self) -> None:
-        with self._lock:
-            self.pool = BlockPool(self.num_blocks, self.block_size)
-            self.claims: dict[str, _Claim] = {}
-            self._events: list[Event] = []
-            self._pending: list[dict] = []
-            self._seq = itertools.count(1)
-            self._ids = itertools.count(1)
-            self._armed: list[FaultRequest] = []
+    def _clear(self) -> None:
+        self.pool = BlockPool(self.num_blocks, self.block_size)
+        self.claims: dict[str, _Claim] = {}
+        self._ended: OrderedDict[str, None] = OrderedDict()  # ended claim ids, oldest first
+        self._hash_owner: dict[str, str | None] = {}  # cached block hash -> tenant
+        self._pending: list[dict] = []
+        self._armed: list[FaultRequest] = []
 
-    def _emit(self, type_: EventType, **fields) -> None:
-        self._pending.append({"type": type_, **fields})
+    def reset(self) -> None:
+        """Drop every claim, cached block and event; the log then starts with a
+        `runtime.reset` event every tenant sees, numbered after the last one."""
+        with self._lock:
+            self._clear()
+            self._events.clear()
+            self._emit(EventType.RUNTIME_RESET, owner=EVERYONE, cause="reset")
+            self._flush()
+
+    def _emit(self, type_: EventType, owner: str | None = None, **fields) -> None:
+        self._pending.append({"type": type_, "owner": owner if owner is not None else self._actor, **fields})
 
     def _transition(self, claim: _Claim, type_: EventType, **fields) -> None:
         _, to_state = EVENT_TRANSITIONS[type_]
-        self._emit(type_, claim_id=claim.claim_id, from_state=claim.state, to_state=to_state, **fields)
+        if fields.get("request_id") and self._foreign(claim.owner):
+            fields["request_id"] = OTHER_TENANTS
+        self._emit(type_, owner=claim.owner, claim_id=claim.claim_id, from_state=claim.state,
+                   to_state=to_state, **fields)
         claim.state = to_state
+        if to_state in TERMINAL_STATES:
+            claim.ended_at = self.clock()
+            self._ended[claim.claim_id] = None
+
+    # ---------------------------------------------------------------- tenants
+    def _isolated(self) -> bool:
+        return "tenant_blind" not in self.faults
+
+    def _foreign(self, owner: str | None) -> bool:
+        """Is `owner` another tenant than the one acting now?"""
+        return self._isolated() and self._actor is not None and owner != self._actor
+
+    def _visible(self, owner: str | None, tenant: str | None) -> bool:
+        return tenant is None or owner in (tenant, EVERYONE) or not self._isolated()
+
+    def _salt(self, tenant: str | None) -> str | None:
+        return tenant if self._isolated() else None
+
+    def _prune(self) -> None:
+        """Forget ended claims after the retention time, and beyond a count."""
+        now = self.clock()
+        while self._ended:
+            claim_id = next(iter(self._ended))
+            claim = self.claims.get(claim_id)
+            old = claim is None or claim.ended_at is None or now - claim.ended_at >= self.claim_retention_s
+            if not old and len(self._ended) <= self.ended_claims_kept:
+                break
+            del self._ended[claim_id]
+            self.claims.pop(claim_id, None)
 
     def _flush(self) -> None:
         """Number this operation's events. The seq is the order the runtime vouches for."""
@@ -197,8 +275,10 @@ class MicroRuntime:
                 EventType.REQUEST_REFUSED,
             ):
                 continue
-            self._events.append(Event(seq=next(self._seq), ts=now, **fields))
+            owner = fields.pop("owner")
+            self._events.append((owner, Event(seq=next(self._seq), ts=now, **fields)))
         self._pending = []
+        self._actor = None
 
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
@@ -207,7 +287,9 @@ class MicroRuntime:
         return [c for c in self.claims.values() if c.state not in TERMINAL_STATES]
 
     def _expire(self, reading: bool = False) -> None:
+        self._prune()
         if "no_expiry" in self.faults or ("expire_on_read" in self.faults and not reading):
+            return
             return
         now = self.clock()
         for claim in self._live():
@@ -243,7 +325,8 @@ class MicroRuntime:
 
     def _lookup_claim(self, claim_id: str) -> _Claim:
         claim = self.claims.get(claim_id)
-        if claim is None:
+        # Another tenant's claim does not exist for the caller: the same 404 as a bad id.
+        if claim is None or self._foreign(claim.owner):
             raise ApiError(404, ErrorBody(type="not_found", message=f"no claim {claim_id!r}"))
         return claim
 
@@ -267,16 +350,26 @@ class MicroRuntime:
                 break
             plan["unclaimed"].append(b)
             room += 1
-        if room < needed:
+        if room < needed and "silent_evict_hard" not in self.faults:
+            host_used = sum(len(c.host_hashes) for c in self._live())
+            demoting: set[str] = set()
+            freed: set[int] = set()
             for claim in self._live():
                 if room >= needed:
                     break
-                if claim.demotable and claim.tier == "device" and "silent_evict_hard" not in self.faults:
-                    blocks = [b for b in self.pool.held_by(claim.claim_id) if b not in keep]
-                    host_used = sum(len(c.host_hashes) for c in self._live())
-                    if blocks and host_used + len(claim.hashes) <= self.host_blocks:
-                        plan["demote"].append(claim)
-                        room += len(blocks)
+                if not (claim.demotable and claim.tier == "device" and claim.state == ClaimState.RESIDENT):
+                    continue
+                if host_used + len(claim.hashes) > self.host_blocks:
+                    continue
+                # Only blocks that demoting frees count: a block another (non-demoted) hard
+                # claim also pins, or a running request uses, stays where it is.
+                gain = self._freed_by_demoting(claim.claim_id, demoting | {claim.claim_id}, keep) - freed
+                if gain:
+                    demoting.add(claim.claim_id)
+                    freed |= gain
+                    plan["demote"].append(claim)
+                    host_used += len(claim.hashes)
+                    room += len(gain)
         for b in soft:
             if room >= needed:
                 break
@@ -286,6 +379,15 @@ class MicroRuntime:
             room += 1
         return plan if room >= needed else None
 
+    def _freed_by_demoting(self, claim_id: str, demoting: set[str], keep: set[int]) -> set[int]:
+        """Blocks of `claim_id` that become free once every claim in `demoting` is demoted:
+        not kept, used by no running request, and pinned by no other hard claim."""
+        return {
+            b for b in self.pool.held_by(claim_id)
+            if b not in keep and self.pool.blocks[b].ref == 0
+            and self.pool.blocks[b].hard_holders <= demoting
+        }
+
     def _make_room(self, plan: dict, request_id: str) -> None:
         evicted = [self.pool.evict(b) for b in plan["unclaimed"] if self.pool.blocks[b].evictable]
         if "silent_evict_hard" in self.faults:
@@ -294,28 +396,35 @@ class MicroRuntime:
                 if block.hard_holders:
                     block.hard_holders.clear()
                     evicted.append(self.pool.evict(b))
-        if evicted:
-            self._emit(EventType.BLOCKS_EVICTED, request_id=request_id, blocks=len(evicted), block_hashes=evicted)
+        self._evicted_events(evicted, request_id)
+        harmed: dict[str, list[str]] = {}
         for claim in plan["demote"]:
             claim.host_hashes = list(claim.hashes)
+            for b in self.pool.held_by(claim.claim_id):  # soft claims sharing a dropped block
+                block = self.pool.blocks[b]
+                if block.hard_holders <= {claim.claim_id} and block.ref == 0:
+                    for holder in block.soft_holders - {claim.claim_id}:
+                        harmed.setdefault(holder, []).append(block.hash)
             dropped = self.pool.drop_claim_blocks(claim.claim_id)
+            for h in dropped:
+                self._hash_owner.pop(h, None)
             claim.tier = "host"
             self._transition(
                 claim, EventType.CLAIM_DEMOTED, cause="pressure", request_id=request_id,
                 tier="host", blocks=len(dropped),
             )
-        harmed: dict[str, list[str]] = {}
         for b in plan["soft"]:
             block = self.pool.blocks[b]
             holders = set(block.soft_holders)
             block_hash = self.pool.evict(b)
+            self._hash_owner.pop(block_hash, None)
             for claim_id in holders:
                 harmed.setdefault(claim_id, []).append(block_hash)
         for claim_id, hashes in harmed.items():
             claim = self.claims[claim_id]
             self.pool.unpin(claim_id)
             if "no_harm_event" in self.faults:
-                self._emit(EventType.BLOCKS_EVICTED, request_id=request_id, blocks=len(hashes), block_hashes=hashes)
+                self._evicted_events(hashes, request_id)
                 continue
             claim.reason = f"lost {len(hashes)} blocks to request {request_id}"
             lost = 1 if "harm_undercount" in self.faults else len(hashes)
@@ -324,6 +433,15 @@ class MicroRuntime:
                 request_id=request_id, blocks=lost, block_hashes=hashes[:lost],
             )
 
+    def _evicted_events(self, hashes: list[str], request_id: str) -> None:
+        """One `blocks.evicted` per tenant whose blocks went, seen by that tenant only."""
+        by_owner: dict[str | None, list[str]] = {}
+        for h in hashes:
+            by_owner.setdefault(self._hash_owner.pop(h, None), []).append(h)
+        for owner, group in by_owner.items():
+            rid = OTHER_TENANTS if self._foreign(owner) else request_id
+            self._emit(EventType.BLOCKS_EVICTED, owner=owner, request_id=rid, blocks=len(group), block_hashes=group)
+
     def _refusal(self, needed: int, keep: set[int], request_id: str) -> ApiError:
         blockers = sorted(
             c.claim_id for c in self._live()
@@ -331,6 +449,12 @@ class MicroRuntime:
         )
         unclaimed, soft = self.pool.evictable(exclude=keep)
         claimed = {c: len(self.pool.held_by(c)) for c in blockers}
+        # Other tenants' claims are counted, never named.
+        foreign = [c for c in blockers if self._foreign(self.claims[c].owner)]
+        if foreign:
+            blockers = [c for c in blockers if c not in foreign]
+            claimed = {c: n for c, n in claimed.items() if c not in foreign}
+            claimed[OTHER_TENANTS] = sum(len(self.pool.held_by(c)) for c in foreign)
         if "unattributed_refusal" in self.faults:
             blockers, claimed = [], {}
         if "blame_every_claim" in self.faults:
@@ -340,7 +464,7 @@ class MicroRuntime:
             message=(
                 f"request {request_id} needs {needed} blocks; {self.pool.num_free()} free + "
                 f"{len(unclaimed) + len(soft)} evictable; the rest is held by hard claims "
-                f"{', '.join(blockers) or '(unnamed)'}"
+                f"{', '.join(blockers + ([OTHER_TENANTS] if foreign else [])) or '(unnamed)'}"
             ),
             request_id=request_id,
             blocking_claims=blockers,
@@ -361,18 +485,29 @@ class MicroRuntime:
             total_blocks=self.num_blocks,
             fault_injection=self.fault_injection,
             demotion=self.host_blocks > 0,
+            tenancy=self.tenancy,
         )
 
-    def create_claim(self, req: ClaimRequest) -> Claim:
+    def _op(self, tenant: str | None, call, *args):
+        """Run one operation as `tenant` under the lock; number its events at the end."""
         with self._lock:
+            self._actor = tenant
             try:
-                return self._create_claim(req)
+                self._expire()
+                return call(*args)
             finally:
                 self._flush()
 
+    def create_claim(self, req: ClaimRequest, tenant: str | None = None) -> Claim:
+        return self._op(tenant, self._create_claim, req)
+
     def _create_claim(self, req: ClaimRequest) -> Claim:
-        self._expire()
-        hashes = block_hashes(list(req.prompt_token_ids), self.block_size)
+        tenant = self._actor
+        if tenant is not None and req.tenant not in (None, tenant):
+            raise ApiError(403, ErrorBody(
+                type="forbidden", message=f"tenant {req.tenant!r} is not the tenant of this token",
+            ))
+        hashes = block_hashes(list(req.prompt_token_ids), self.block_size, self._salt(tenant))
         request_id = self._new_id("claimreq")
         if not hashes:
             raise ApiError(422, ErrorBody(
@@ -381,21 +516,29 @@ class MicroRuntime:
                 fields=[{"loc": ["prompt_token_ids"], "msg": "shorter than one block"}],
             ))
         held = sum(len(c.hashes) for c in self._live())
-        over_budget = held + len(hashes) > self.claim_budget_blocks
+        room = self.claim_budget_blocks - held
+        reason = None
+        over_global = held + len(hashes) > self.claim_budget_blocks
         if "budget_off_by_one" in self.faults:
-            over_budget = held + len(hashes) >= self.claim_budget_blocks
-        if over_budget and "half_admit" in self.faults and held < self.claim_budget_blocks:
-            hashes = hashes[: self.claim_budget_blocks - held]
-            over_budget = False
+            over_global = held + len(hashes) >= self.claim_budget_blocks
+        if over_global:
+            reason = (f"global claim budget: {held} of {self.claim_budget_blocks} blocks already claimed, "
+                      f"{len(hashes)} more requested")
+        elif tenant is not None and self.tenant_budget_blocks is not None and self._isolated():
+            mine = sum(len(c.hashes) for c in self._live() if c.owner == tenant)
+            room = self.tenant_budget_blocks - mine
+            over_tenant = mine + len(hashes) > self.tenant_budget_blocks
+            if "budget_off_by_one" in self.faults:
+                over_tenant = mine + len(hashes) >= self.tenant_budget_blocks
+            if over_tenant:
+                reason = (f"tenant claim budget: tenant {tenant} holds {mine} of its {self.tenant_budget_blocks} "
+                          f"blocks, {len(hashes)} more requested")
+        if reason and "half_admit" in self.faults and room > 0:
+            hashes, reason = hashes[:room], None
         cached = self.pool.lookup(hashes)
-        plan = None if over_budget else self._plan_room(len(hashes) - len(cached), keep=set(cached))
-        if over_budget or plan is None:
-            reason = (
-                f"claim budget: {held} of {self.claim_budget_blocks} blocks already claimed, "
-                f"{len(hashes)} more requested"
-                if over_budget
-                else f"capacity: {len(hashes)} blocks cannot be made resident without evicting hard claims"
-            )
+        plan = None if reason else self._plan_room(len(hashes) - len(cached), keep=set(cached))
+        if reason or plan is None:
+            reason = reason or f"capacity: {len(hashes)} blocks cannot be made resident without evicting hard claims"
             self._emit(EventType.CLAIM_REFUSED, request_id=request_id, cause=reason, blocks=len(hashes))
             raise ApiError(409, ErrorBody(type="no_admit", message="claim not admitted", reason=reason, request_id=request_id))
 
@@ -407,10 +550,10 @@ class MicroRuntime:
         claim = _Claim(
             claim_id=claim_id, strength=req.strength, hashes=hashes, demotable=req.demotable,
             ttl_s=req.ttl_s, expires_at=None if req.ttl_s is None else now + req.ttl_s,
-            client_id=req.client_id, tenant=req.tenant,
+            client_id=req.client_id, tenant=tenant or req.tenant, owner=tenant,
         )
         self.claims[claim_id] = claim
-        self._emit(EventType.CLAIM_ACCEPTED, claim_id=claim_id, from_state=None,
+        self._emit(EventType.CLAIM_ACCEPTED, owner=tenant, claim_id=claim_id, from_state=None,
                    to_state=ClaimState.ACCEPTED, request_id=request_id, blocks=len(hashes))
         if self._take_fault("fail_next_materialization", claim_id):
             claim.reason = "materialization failed (injected)"
@@ -421,7 +564,7 @@ class MicroRuntime:
         self.pool.touch(cached)
         new = self.pool.allocate(len(hashes) - len(cached))
         blocks = cached + new
-        stored = [h for b, h in zip(new, hashes[len(cached):]) if self.pool.store(b, h)]
+        stored = self._store(new, hashes[len(cached):])
         if stored:
             self._emit(EventType.BLOCKS_STORED, request_id=request_id, blocks=len(stored), block_hashes=stored)
         pinned = blocks[:-1] if "false_resident" in self.faults else blocks
@@ -429,75 +572,95 @@ class MicroRuntime:
         self.pool.release(blocks)
         self._transition(claim, EventType.CLAIM_MATERIALIZED, request_id=request_id, tier="device", blocks=len(hashes))
         if "false_resident" in self.faults and self.pool.blocks[blocks[-1]].evictable:
-            self.pool.evict(blocks[-1])  # the unpinned last block is lost at once
+            self._hash_owner.pop(self.pool.evict(blocks[-1]), None)  # the unpinned last block is lost at once
         return self._claim_view(claim)
 
-    def get_claim(self, claim_id: str) -> Claim:
-        with self._lock:
-            self._expire(reading=True)
-            self._flush()
-            if "unknown_claim_ok" in self.faults and claim_id not in self.claims:
-                return Claim(claim_id=claim_id, state=ClaimState.RELEASED, strength="hard", blocks=1,
-                             tokens=self.block_size, prefix_hash="0" * 16, resident_blocks=0,
-                             tier="device", demotable=False)
-            return self._claim_view(self._lookup_claim(claim_id))
+    def _store(self, block_ids: list[int], hashes: list[str]) -> list[str]:
+        """Name freshly computed blocks; return the hashes that were new to the cache."""
+        stored = [h for b, h in zip(block_ids, hashes) if self.pool.store(b, h)]
+        for h in stored:
+            self._hash_owner[h] = self._actor
+        return stored
 
-    def release_claim(self, claim_id: str) -> Claim:
-        with self._lock:
-            try:
-                self._expire()
-                claim = self._lookup_claim(claim_id)
-                if claim.state == ClaimState.RELEASED and "double_release_event" in self.faults:
-                    self._emit(EventType.CLAIM_RELEASED, claim_id=claim_id, from_state=claim.state,
-                               to_state=claim.state, cause="client")
-                if claim.state not in TERMINAL_STATES:
-                    if "release_leak" not in self.faults:
-                        self.pool.unpin(claim_id)
-                    claim.host_hashes = []
-                    claim.reason = "released by its owner"
-                    self._transition(claim, EventType.CLAIM_RELEASED, cause="client")
-                return self._claim_view(claim)
-            finally:
-                self._flush()
+    def get_claim(self, claim_id: str, tenant: str | None = None) -> Claim:
+        return self._op(tenant, self._get_claim, claim_id)
 
-    def list_claims(self) -> list[Claim]:
-        with self._lock:
-            self._expire()
-            self._flush()
-            return [self._claim_view(c) for c in self.claims.values()]
+    def _get_claim(self, claim_id: str) -> Claim:
+        self._expire(reading=True)  # (only the expire_on_read fault needs the read itself)
+        if "unknown_claim_ok" in self.faults and claim_id not in self.claims:
+            return Claim(claim_id=claim_id, state=ClaimState.RELEASED, strength="hard", blocks=1,
+                         tokens=self.block_size, prefix_hash="0" * 16, resident_blocks=0,
+                         tier="device", demotable=False)
+        return self._claim_view(self._lookup_claim(claim_id))
 
-    def events(self, after: int = 0) -> EventPage:
-        with self._lock:
-            self._expire()
-            self._flush()
-            if "events_ignore_after" in self.faults:
-                after = 0
-            page = [e for e in self._events if e.seq > after or ("events_include_after" in self.faults and e.seq == after)]
-            return EventPage(events=page, last_seq=self._events[-1].seq if self._events else 0)
+    def release_claim(self, claim_id: str, tenant: str | None = None) -> Claim:
+        return self._op(tenant, self._release_claim, claim_id)
 
-    def pool_state(self) -> PoolState:
-        with self._lock:
-            self._expire()
-            self._flush()
-            claimed = {
-                c.claim_id: len(self.pool.held_by(c.claim_id))
-                for c in self._live() if c.tier == "device"
-            }
-            return PoolState(
-                block_size=self.block_size,
-                total_blocks=self.num_blocks,
-                free_blocks=self.pool.num_free(),
-                cached_blocks=self.pool.cached_unclaimed() + (
-                    sum(len(self.pool.held_by(c.claim_id)) for c in self._live())
-                    if "pool_overcount" in self.faults else 0),
-                active_blocks=self.pool.active(),
-                claimed_blocks=claimed,
-                claim_budget_blocks=self.claim_budget_blocks,
-                host_total_blocks=self.host_blocks,
-                host_used_blocks=sum(len(c.host_hashes) for c in self._live()),
-            )
+    def _release_claim(self, claim_id: str) -> Claim:
+        claim = self._lookup_claim(claim_id)
+        if claim.state == ClaimState.RELEASED and "double_release_event" in self.faults:
+            self._emit(EventType.CLAIM_RELEASED, claim_id=claim_id, from_state=claim.state,
+                       to_state=claim.state, cause="client")
+        if claim.state not in TERMINAL_STATES:
+            if "release_leak" not in self.faults:
+                self.pool.unpin(claim_id)
+            claim.host_hashes = []
+            claim.reason = "released by its owner"
+            self._transition(claim, EventType.CLAIM_RELEASED, cause="client")
+        return self._claim_view(claim)
+
+    def list_claims(self, tenant: str | None = None) -> list[Claim]:
+        return self._op(tenant, lambda: [self._claim_view(c) for c in self.claims.values()
+                                         if self._visible(c.owner, tenant)])
+
+    def events(self, after: int = 0, limit: int = EVENT_PAGE_LIMIT, tenant: str | None = None) -> EventPage:
+        """One page of the events `tenant` may see, with seq > `after` (see EventPage)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= EVENT_PAGE_LIMIT:
+            raise ValueError(f"limit must be 1..{EVENT_PAGE_LIMIT}, got {limit!r}")
+        return self._op(tenant, self._page, after, limit, tenant)
+
+    def _page(self, after: int, limit: int, tenant: str | None) -> EventPage:
+        self._flush()  # expiry events found just now belong on this page
+        page: list[Event] = []
+        more = False
+        if "events_ignore_after" in self.faults:
+            after = 0
+        for owner, event in self._events:
+            skip = event.seq < after if "events_include_after" in self.faults else event.seq <= after
+            if skip or not self._visible(owner, tenant):
+                continue
+            if len(page) == limit:
+                more = True
+                break
+            page.append(event)
+        oldest = self._events[0][1].seq if self._events else 0
+        return EventPage(events=page, last_seq=page[-1].seq if page else after, more=more, oldest_seq=oldest)
+
+    def pool_state(self, tenant: str | None = None) -> PoolState:
+        return self._op(tenant, self._pool_state, tenant)
+
+    def _pool_state(self, tenant: str | None) -> PoolState:
+        claimed = {
+            c.claim_id: len(self.pool.held_by(c.claim_id))
+            for c in self._live() if c.tier == "device" and self._visible(c.owner, tenant)
+        }
+        return PoolState(
+            block_size=self.block_size,
+            total_blocks=self.num_blocks,
+            free_blocks=self.pool.num_free(),
+            cached_blocks=self.pool.cached_unclaimed() + (
+                sum(len(self.pool.held_by(c.claim_id)) for c in self._live())
+                if "pool_overcount" in self.faults else 0),
+            active_blocks=self.pool.active(),
+            claimed_blocks=claimed,
+            claim_budget_blocks=self.claim_budget_blocks,
+            host_total_blocks=self.host_blocks,
+            host_used_blocks=sum(len(c.host_hashes) for c in self._live()),
+            tenant_budget_blocks=self.tenant_budget_blocks if self.tenancy else None,
+        )
 
     def inject_fault(self, req: FaultRequest) -> None:
+        """An admin operation: the caller is not scoped (the server checks the token)."""
         with self._lock:
             if not self.fault_injection:
                 raise ApiError(501, ErrorBody(type="unsupported", message="fault injection is disabled"))
@@ -512,19 +675,14 @@ class MicroRuntime:
                 return True
         return False
 
-    def complete(self, req: CompletionRequest) -> Completion:
+    def complete(self, req: CompletionRequest, tenant: str | None = None) -> Completion:
         try:
-            with self._lock:
-                try:
-                    return self._complete(req)
-                finally:
-                    self._flush()
+            return self._op(tenant, self._complete, req)
         except Parked as parked:
-            self.park(parked.request_id)
+            self.park(parked.request_id)  # outside the lock: a parked request blocks no one else
             raise
 
     def _complete(self, req: CompletionRequest) -> Completion:
-        self._expire()
         request_id = req.request_id or self._new_id("req")
         if req.claim_id is not None:
             self._lookup_claim(req.claim_id)
@@ -535,7 +693,7 @@ class MicroRuntime:
                 type="capacity", request_id=request_id,
                 message=f"request needs {needed} blocks; the pool has {self.num_blocks}",
             ))
-        hashes = block_hashes(prompt, self.block_size)
+        hashes = block_hashes(prompt, self.block_size, self._salt(self._actor))
         # Like vLLM, never serve the last prompt token from cache: it must be computed.
         reusable = min(len(hashes), (len(prompt) - 1) // self.block_size)
         hit = self.pool.lookup(hashes[:reusable])
@@ -571,7 +729,7 @@ class MicroRuntime:
         self.pool.touch(hit)
         new = self.pool.allocate(needed - len(hit))
         blocks = hit + new
-        stored = [h for b, h in zip(new, hashes[len(hit):]) if self.pool.store(b, h)]
+        stored = self._store(new, hashes[len(hit):])
         if stored:
             self._emit(EventType.BLOCKS_STORED, request_id=request_id, blocks=len(stored), block_hashes=stored)
         served = len(hit)
