@@ -341,6 +341,8 @@ class Probe:
 LOWERING_PROBES: dict[str, Probe] = {
     "priority-as-hard-claim": Probe("active-refusal", "request-priority"),
     "kv-routing-as-placement": Probe("placement", "kv-aware-routing"),
+    "host-tier-as-demotion": Probe("demotion-restore", "host-offload"),
+    "host-tier-as-hard-claim": Probe("active-refusal", "host-offload"),
 }
 
 
