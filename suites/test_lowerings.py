@@ -97,7 +97,8 @@ def _tiered_pressure(rkv):
     _, active = rkv.run("active", ACTIVE_BLOCKS)
     evicted = rkv.evicted_since(evict_mark)
     _, again = rkv.reuse_query("resident", RESIDENT_BLOCKS)
-    # Checked last: a tier may report a store only after later engine steps.
+    # Checked last: a tier may report a store only after later engine steps. Without a
+    # tier the probe does not apply (it must not count against a runtime's own demotion).
     if not any(e.type == EventType.BLOCKS_STORED and e.tier == "host" for e in rkv.driver.block_events(after=mark)):
         raise NotApplicable("no block events on a host tier: there is no tier to probe")
     surviving = rkv.cached_tokens(again) // rkv.block_size
