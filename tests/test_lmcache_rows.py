@@ -4,7 +4,6 @@ evidence, the lowering probes and what the checker makes of them, the bundle, an
 process left behind.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,10 +11,9 @@ import sys
 
 import pytest
 
-if importlib.util.find_spec("vllm") is None:
-    pytest.skip("vLLM is not installed", allow_module_level=True)
-if importlib.util.find_spec("lmcache") is None:
-    pytest.skip("LMCache is not installed (bash scripts/setup_lmcache.sh)", allow_module_level=True)
+from tests.runtimes import require_backend
+
+pytestmark = require_backend("vllm+lmcache")
 
 from pytest_rkv.bundle import bundle_dir, verify  # noqa: E402
 from pytest_rkv.label import Label, check_file  # noqa: E402
