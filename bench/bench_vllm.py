@@ -1,8 +1,12 @@
-"""Cost of a live runtime's row: wall time of `pytest suites --rkv-backend=vllm` (one server
-start included) and the memory of the server while it runs; `--backend vllm,sglang` measures
-several rows side by side (alternating, one server at a time).
+"""Cost of the stock-vLLM row: wall time of `pytest suites --rkv-backend=vllm` (one server
+start included) and the memory of the vLLM server while it runs.
 
-    python bench/bench_vllm.py [--backend vllm[,sglang]] [--runs N] [--pss] [--json out.json]
+    python bench/bench_vllm.py [--runs N] [--pss] [--json out.json] [--backend vllm+lmcache ...]
+
+With several `--backend`s the runs alternate between them (run 1 of each, run 2 of each,
+...), so their figures are measured side by side. For `vllm+lmcache` the memory includes
+LMCache's cache server (another descendant), and the result adds the tier's start-up and
+the canonical re-query's cached tokens (the `eviction_observable` and `host_tier` tests).
 
 Memory is sampled every `--interval` seconds over every descendant of the pytest child
 process (the vLLM API server, its engine core and worker, their resource tracker; the
@@ -32,6 +36,8 @@ import time
 from pathlib import Path
 
 import psutil
+
+from pytest_rkv.bundle import bundle_dir
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -74,8 +80,8 @@ class MemorySampler(threading.Thread):
         self.join(timeout=10)
 
 
-def run_once(backend: str, interval: float, pss: bool, extra: list[str]) -> dict:
-    report_dir = Path(tempfile.mkdtemp(prefix=f"rkv-bench-{backend}-"))
+def run_once(interval: float, pss: bool, extra: list[str], backend: str = "vllm") -> dict:
+    report_dir = Path(tempfile.mkdtemp(prefix="rkv-bench-vllm-"))
     argv = [sys.executable, "-m", "pytest", "suites", f"--rkv-backend={backend}", "-q",
             "-p", "no:cacheprovider", "--rkv-report-dir", str(report_dir), *extra]
     began = time.monotonic()
@@ -86,11 +92,10 @@ def run_once(backend: str, interval: float, pss: bool, extra: list[str]) -> dict
     wall = time.monotonic() - began
     sampler.stop()
 
-    row_path = report_dir / backend / "row.json"
+    row_path = bundle_dir(report_dir, backend) / "row.json"
     row = json.loads(row_path.read_text()) if row_path.exists() else {}
     last_line = out.strip().splitlines()[-1] if out.strip() else ""
     result = {
-        "backend": backend,
         "command": " ".join(argv[1:]),
         "exit_code": child.returncode,
         "wall_seconds": round(wall, 1),
@@ -103,6 +108,9 @@ def run_once(backend: str, interval: float, pss: bool, extra: list[str]) -> dict
         "runtime": f"{row.get('runtime')} {row.get('runtime_version')}" if row else None,
         "build": row.get("runtime_details", {}).get("build"),
         "report_dir": str(report_dir),
+        "backend": backend,
+        "tier_startup_seconds": row.get("runtime_details", {}).get("tier_startup_seconds"),
+        "requery_cached_tokens": _requery_cached_tokens(row),
     }
     if pss:
         result["server_peak_pss_mib"] = round(sampler.peak_pss / MIB)
@@ -111,18 +119,31 @@ def run_once(backend: str, interval: float, pss: bool, extra: list[str]) -> dict
     return result
 
 
+def _requery_cached_tokens(row: dict) -> dict:
+    """Cached tokens of the 60-block resident re-queried after the 70-block intruder."""
+    out = {}
+    for section, name, key in (("substrates", "eviction_observable", "resident_blocks_surviving"),
+                               ("substrates", "host_tier", "cached_tokens_again")):
+        tests = row.get(section, {}).get(name, {}).get("tests") or [{}]
+        value = tests[0].get("evidence", {}).get(key)
+        if value is not None:
+            out[f"{name}.{key}"] = value
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="vllm", help="backend(s), comma-separated, measured alternately")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--interval", type=float, default=0.25, help="memory sampling period (s)")
     parser.add_argument("--pss", action="store_true", help="also sample PSS (reads smaps; slower)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--backend", action="append", help="backend(s) to measure, alternated (default vllm)")
     parser.add_argument("pytest_args", nargs="*", help="extra arguments for the suite run (after --)")
     args = parser.parse_args()
 
-    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
-    runs = [run_once(b, args.interval, args.pss, args.pytest_args) for _ in range(args.runs) for b in backends]
+    backends = [b.strip() for arg in (args.backend or ["vllm"]) for b in arg.split(",") if b.strip()]
+    runs = [run_once(args.interval, args.pss, args.pytest_args, backend)
+            for _ in range(args.runs) for backend in backends]
     text = json.dumps(runs if len(runs) > 1 else runs[0], indent=2)
     print(text)
     if args.json:

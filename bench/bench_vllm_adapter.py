@@ -316,7 +316,7 @@ def _step_cost(model_dir: Path, *, adapter: bool, pool_blocks: int, claims: int,
             admit()
     reused = 0
     if adapter:
-        reused = sum(1 for e in s.rkv.events if e["type"] == "claim.reused")
+        reused = sum(1 for e in s.rkv.book.events if e["type"] == "claim.reused")
     return {"us_per_step": spent / measured * 1e6, "requests": made, "claim_reuse_events": reused}
 
 

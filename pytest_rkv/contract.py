@@ -401,6 +401,8 @@ SUBSTRATES: tuple[Substrate, ...] = (
     Substrate("prefix_reuse", "A repeated prompt prefix is served from cache (cached_tokens > 0)."),
     Substrate("eviction_observable", "Losing cached blocks to pressure shows in events or in cached_tokens."),
     Substrate("block_events", "The runtime publishes block-level cache events with sequence numbers."),
+    Substrate("host_tier", "Blocks displaced from the device pool are kept in a host tier and served again "
+                           "from it (host-tier stores in block events; more cached tokens than the device kept)."),
 )
 
 OBLIGATIONS: tuple[Obligation, ...] = (
@@ -466,7 +468,7 @@ OBLIGATIONS: tuple[Obligation, ...] = (
         "A demoted claim MUST be reported as demoted and MUST be restored, with a restore event, "
         "before any request reuses it.",
         ("demotion",),
-        ("prefix_reuse", "eviction_observable"),
+        ("prefix_reuse", "eviction_observable", "host_tier"),
     ),
     Obligation(
         "expiry",

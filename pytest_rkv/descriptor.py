@@ -342,6 +342,8 @@ LOWERING_PROBES: dict[str, Probe] = {
     "priority-as-hard-claim": Probe("active-refusal", "request-priority"),
     "kv-routing-as-placement": Probe("placement", "kv-aware-routing"),
     "streaming-session-as-hard-claim": Probe("active-refusal", "session-lock"),
+    "host-tier-as-demotion": Probe("demotion-restore", "host-offload"),
+    "host-tier-as-hard-claim": Probe("active-refusal", "host-offload"),
 }
 
 

@@ -14,3 +14,5 @@ python -c "import vllm, vllm.config; print('vLLM', vllm.__version__, 'imports cl
 bash scripts/setup_dynamo.sh
 # SGLang in a venv of its own (its pins clash with vLLM's); the sglang backend runs it.
 bash scripts/setup_sglang.sh
+# LMCache as vLLM's CPU tier (backend vllm+lmcache).
+bash scripts/setup_lmcache.sh

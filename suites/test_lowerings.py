@@ -2,7 +2,7 @@
 
 These run the canonical probe through a feature someone might propose as a lowering
 (request priority as a hard claim; KV-aware routing as placement; a streaming session as a
-hard claim). A pass supports the lowering; a failure is the evidence the lowering
+hard claim; a host tier as demotion, or as a hard claim). A pass supports the lowering; a failure is the evidence the lowering
 checker turns into *rejected mapping*.
 """
 
@@ -123,4 +123,52 @@ def test_streaming_session_as_hard_claim(rkv):
     assert active is not None and not active.ok and active.error.blocking_claims, (
         f"lowering contradicted: the {ACTIVE_BLOCKS}-block request was {outcome}; {evicted} blocks "
         f"evicted; block events showed {stored} of the session's {RESIDENT_BLOCKS} blocks stored"
+    )
+
+
+def _tiered_pressure(rkv):
+    """The canonical probe with no claim on a runtime that has a host tier: the resident
+    prompt, then the 70-block request, then the resident again (plus one token)."""
+    mark = rkv.block_mark()
+    _, resident = rkv.run("resident", RESIDENT_BLOCKS)
+    assert resident.ok, f"the resident request failed: {resident.error}"
+    evict_mark = rkv.block_mark()
+    _, active = rkv.run("active", ACTIVE_BLOCKS)
+    evicted = rkv.evicted_since(evict_mark)
+    _, again = rkv.reuse_query("resident", RESIDENT_BLOCKS)
+    # Checked last: a tier may report a store only after later engine steps. Without a
+    # tier the probe does not apply (it must not count against a runtime's own demotion).
+    if not any(e.type == EventType.BLOCKS_STORED and e.tier == "host" for e in rkv.driver.block_events(after=mark)):
+        raise NotApplicable("no block events on a host tier: there is no tier to probe")
+    surviving = rkv.cached_tokens(again) // rkv.block_size
+    rkv.record("active_admitted", active.ok)
+    rkv.record("active_error", active.error.model_dump(mode="json") if active.error else None)
+    rkv.record("blocks_evicted_by_active", evicted)
+    rkv.record("resident_blocks_served_again", surviving)
+    return active, evicted, surviving
+
+
+@pytest.mark.rkv_lowering("host-tier-as-demotion", "demotion-restore")
+@pytest.mark.rkv_litmus("demotion")
+def test_host_tier_as_demotion(rkv):
+    """The proposal: a tier that takes displaced blocks is demotion with restore-before-reuse.
+    Then every displaced block of the resident comes back before the re-query is served."""
+    active, evicted, surviving = _tiered_pressure(rkv)
+    assert active.ok, f"the intruder was refused ({active.error}); nothing was displaced to the tier"
+    assert surviving == RESIDENT_BLOCKS, (
+        f"lowering contradicted: {evicted} blocks were displaced and the re-query was served "
+        f"{surviving} of the resident's {RESIDENT_BLOCKS} blocks; a restore before reuse gives all of them"
+    )
+
+
+@pytest.mark.rkv_lowering("host-tier-as-hard-claim", "active-refusal")
+@pytest.mark.rkv_litmus("active_refusal")
+def test_host_tier_as_hard_claim(rkv):
+    """The proposal: a prefix kept in the tier is held like a hard claim. Then the 70-block
+    request, which cannot fit beside it, is refused in its name, and the resident is whole."""
+    active, evicted, surviving = _tiered_pressure(rkv)
+    assert not active.ok and active.error.blocking_claims and surviving == RESIDENT_BLOCKS, (
+        f"lowering contradicted: the {ACTIVE_BLOCKS}-block request was "
+        + ("admitted" if active.ok else f"refused without attribution ({active.error.type})")
+        + f", {evicted} blocks evicted, the resident served {surviving} of {RESIDENT_BLOCKS} blocks again"
     )

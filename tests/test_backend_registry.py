@@ -14,7 +14,7 @@ import pytest
 
 from pytest_rkv.drivers.registry import installed
 
-BUILT_INS = ("reference", "reference-http", "rkv-http", "vllm", "vllm+rkv", "dynamo")
+BUILT_INS = ("reference", "reference-http", "rkv-http", "vllm", "vllm+rkv", "vllm+lmcache", "dynamo")
 
 
 def _fake_distribution(root: Path, entry: str, module_text: str) -> dict[str, str]:

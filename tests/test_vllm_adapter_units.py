@@ -278,7 +278,7 @@ def test_steps_never_walk_the_block_pool(model_dir):
 def test_without_claims_the_hooks_are_pass_through(engine, monkeypatch):
     """No claim and no RKV request: the allocate wrapper goes straight to vLLM."""
     calls = []
-    monkeypatch.setattr(engine.scheduler.rkv, "allocate", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(engine.scheduler.rkv.admission, "allocate", lambda *a, **k: calls.append(a))
     engine.submit("plain", tokens("p", 3), rkv=False)
     engine.step()
     assert calls == [] and "plain" in engine.outputs

@@ -4,7 +4,8 @@
 It overrides only public `SchedulerInterface` methods (`add_request`, `schedule`,
 `update_from_output`) and wraps one method of the `KVCacheManager` instance it owns
 (`allocate_slots`, the single place vLLM decides whether a request's blocks fit). Every
-override calls vLLM's implementation; the claim work around it is in `claims.ClaimCore`.
+override calls vLLM's implementation; the claim work around it is in `claims.ClaimCore`
+(its `admission` for the hooks, its `api` for the utility call).
 
 Importing this module also installs `EngineCore.rkv_call` (see `install_engine_hook`), the
 one method through which the API server's endpoint plugin reaches the claim book as an
@@ -73,30 +74,30 @@ class RkvScheduler(Scheduler):
 
     # -- hooks ---------------------------------------------------------------------------
     def _rkv_allocate(self, orig, request, num_new_tokens, *args, **kwargs):
-        core = self.rkv
-        if core.live or core.refusals:
-            return core.allocate(orig, request, num_new_tokens, args, kwargs)
-        if core.tracked:  # no claims: at most attribute evictions
-            return core.allocate_followed(orig, request, num_new_tokens, args, kwargs)
+        admission = self.rkv.admission
+        if admission.book.live or admission.refusals:
+            return admission.allocate(orig, request, num_new_tokens, args, kwargs)
+        if admission.tracked:  # no claims: at most attribute evictions
+            return admission.allocate_followed(orig, request, num_new_tokens, args, kwargs)
         return orig(request, num_new_tokens, *args, **kwargs)
 
     def add_request(self, request) -> None:
         super().add_request(request)
-        self.rkv.on_add(request)
+        self.rkv.admission.on_add(request)
 
     def schedule(self, *args: Any, **kwargs: Any):
-        core = self.rkv
-        if core.expiry or core.tracked:
-            core.before_schedule()
+        admission = self.rkv.admission
+        if admission.book.expiry or admission.tracked:
+            admission.before_schedule()
         return super().schedule(*args, **kwargs)
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        core = self.rkv
-        if core.mat:
-            core.pin_materialized(scheduler_output)
+        admission = self.rkv.admission
+        if admission.mat:
+            admission.pin_materialized(scheduler_output)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        if core.engaged:
-            core.after_update(outputs)
+        if admission.engaged:
+            admission.after_update(outputs)
         return outputs
 
     # -- the utility entry (EngineCore.rkv_call) -----------------------------------------
