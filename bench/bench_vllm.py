@@ -37,7 +37,7 @@ from pathlib import Path
 
 import psutil
 
-from pytest_rkv.bundle import bundle_dir
+from pytest_rkv.evidence import bundle_dir
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024

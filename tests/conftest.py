@@ -38,3 +38,18 @@ def rkv_serve_pids() -> set[int]:
     set before and after a run, so other sessions' servers never count)."""
     out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
     return {int(line.split()[0]) for line in out.splitlines() if "pytest_rkv.cli serve" in line}
+
+
+def recorded_catalogue(row: dict):
+    """The released suite as a recorded row knew it: only the suite tests the row holds.
+
+    Checker fixtures (counterexamples, hand-built rows) were recorded with the suite of
+    their day; judged against tests added since, they would read as "not run". They are
+    about a lowering, not about completeness (`rkv verify`'s concern)."""
+    from pytest_rkv.descriptor import SuiteCatalogue, suite_key
+    from pytest_rkv.locations import suite_dir
+
+    full = SuiteCatalogue.scan(suite_dir())
+    held = {suite_key(t["nodeid"]) for section in ("obligations", "substrates", "lowerings")
+            for entry in row.get(section, {}).values() for t in entry.get("tests", [])}
+    return SuiteCatalogue({k: v for k, v in full.tests.items() if k in held})

@@ -17,12 +17,16 @@ import sys
 import tomllib
 from pathlib import Path
 
+import json
+
 import pytest
 
 import pytest_rkv.checker as label_module
 from pytest_rkv.contract import Label, TestOutcome
 from pytest_rkv.descriptor import Evidence, SuiteCatalogue, load_evidence
+from tests.conftest import recorded_catalogue
 from pytest_rkv.checker import FINDING_CODES, check_file
+from pytest_rkv.matrix import render_check
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = Path(__file__).resolve().parent / "bad_lowerings"
@@ -54,7 +58,13 @@ def expectation(case: Path) -> dict:
 
 def check(case: Path):
     evidence = load_evidence(case / "row.json") if (case / "row.json").is_file() else Evidence()
-    return check_file(case / "descriptor.toml", evidence, catalogue=CATALOGUE)
+    return check_file(case / "descriptor.toml", evidence, catalogue=catalogue_of(case))
+
+
+def catalogue_of(case: Path) -> SuiteCatalogue:
+    """The suite as it was when the case's evidence was recorded (see recorded_catalogue)."""
+    row_path = case / "row.json"
+    return recorded_catalogue(json.loads(row_path.read_text())) if row_path.is_file() else CATALOGUE
 
 
 def mismatches(case: Path) -> list[str]:
@@ -181,5 +191,9 @@ def test_rkv_check_takes_an_explicit_event_trace(tmp_path):
     without = _rkv(str(case / "descriptor.toml"), "--evidence", str(row))
     with_events = _rkv(str(case / "descriptor.toml"), "--evidence", str(row), "--events", str(case / "events.jsonl"))
     assert without.returncode == with_events.returncode == 0
-    assert "there is no event trace" in without.stdout
-    assert "missing identity: nothing in the trace" in with_events.stdout
+    # What the trace changes, judged on the suite the case was recorded with:
+    catalogue = catalogue_of(case)
+    bare = check_file(case / "descriptor.toml", load_evidence(row), catalogue=catalogue)
+    traced = check_file(case / "descriptor.toml", load_evidence(row, case / "events.jsonl"), catalogue=catalogue)
+    assert "there is no event trace" in render_check(bare)
+    assert "missing identity: nothing in the trace" in render_check(traced)

@@ -26,12 +26,13 @@ from pytest_rkv.contract import OBLIGATIONS, Label
 from pytest_rkv.descriptor import Evidence, SuiteCatalogue, parse_descriptor, suite_key
 from pytest_rkv.checker import TRACE_NEEDS, check_data, check_lowering
 from pytest_rkv.evidence import events_digest
+from tests.conftest import recorded_catalogue
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = Path(__file__).resolve().parent / "bad_lowerings" / "adapter-claims-native"
 BASE_ROW = json.loads((BUNDLE / "row.json").read_text())
 BASE_TRACE = [json.loads(line) for line in (BUNDLE / "events.jsonl").read_text().splitlines() if line]
-CATALOGUE = SuiteCatalogue.scan(ROOT / "suites")
+CATALOGUE = recorded_catalogue(BASE_ROW)  # the suite this recorded row was made with
 APPLICABLE = [ob.id for ob in OBLIGATIONS if not ob.routed_only]
 ORDERED = [ob for ob, needs in TRACE_NEEDS.items() if needs.ordered]
 OUTCOMES = ["passed"] * 12 + ["failed", "unsupported", "untestable", "error"]

@@ -15,7 +15,8 @@ from tests.runtimes import require_backend
 
 pytestmark = require_backend("vllm+lmcache")
 
-from pytest_rkv.bundle import bundle_dir, verify  # noqa: E402
+from pytest_rkv.evidence import bundle_dir  # noqa: E402
+from pytest_rkv.verify import verify  # noqa: E402
 from pytest_rkv.label import Label, check_file  # noqa: E402
 from tests.conftest import SUITES  # noqa: E402
 

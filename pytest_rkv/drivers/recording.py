@@ -181,7 +181,7 @@ class Recorder:
             except Exception as exc:
                 entry["raised"] = encode_exception(exc).model_dump(mode="json")
                 raise
-            if isinstance(result, Driver):
+            if isinstance(result, (Driver, _ReplayView)):  # a view of the runtime, not a value
                 entry["returned"] = {"$driver": self._prefix + name}
                 return Recorder(result, self._test, self.calls, prefix=f"{self._prefix}{name}.")
             entry["returned"] = encode(result)

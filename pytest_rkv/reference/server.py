@@ -37,6 +37,7 @@ import h11
 import uvicorn
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -315,7 +316,10 @@ def make_app(runtime: MicroRuntime, tenancy: Tenancy = Tenancy(), limits: Limits
 
     async def complete(request: Request) -> Response:
         who = caller(request)
-        return _json(200, runtime.complete(await body(request, CompletionRequest), tenant=who.tenant))
+        req = await body(request, CompletionRequest)
+        # In a worker thread: a request the runtime parks (fault queue_blocked_requests) must
+        # leave this server answering everyone else, as a real runtime's queue does.
+        return _json(200, await run_in_threadpool(runtime.complete, req, tenant=who.tenant))
 
     async def models(request: Request) -> Response:
         caller(request)
