@@ -17,7 +17,8 @@ pytestmark = require_backend("vllm+lmcache")
 
 from pytest_rkv.evidence import bundle_dir  # noqa: E402
 from pytest_rkv.verify import verify  # noqa: E402
-from pytest_rkv.label import Label, check_file  # noqa: E402
+from pytest_rkv.checker import check_file  # noqa: E402
+from pytest_rkv.contract import Label  # noqa: E402
 from tests.conftest import SUITES  # noqa: E402
 
 BACKEND = "vllm+lmcache"

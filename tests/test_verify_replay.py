@@ -110,7 +110,7 @@ def test_flipped_outcomes_resealed_are_refused_by_replay(evicting, tmp_path):
     for section in ("obligations", "substrates", "lowerings"):
         for entry in row[section].values():
             for test in entry["tests"]:
-                if test["outcome"] == "failed":
+                if test["outcome"] in ("failed", "untestable", "error"):  # whatever kept it below native
                     test["outcome"], test["detail"] = "passed", ""
                     flipped.append(test["nodeid"])
     assert flipped
