@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pytest_rkv.contract import OBLIGATIONS, Label
 from pytest_rkv.evidence import ROW, EvidenceError, Row, read_row
+from pytest_rkv.provenance import summary as provenance_summary
 
 CODES = {
     Label.NATIVE.value: "N",
@@ -46,6 +47,7 @@ class MatrixRow:
     timeline_from: str = ""
     runtime: str = ""  # "vllm 0.32.0"
     proposals: list[tuple[str, str]] = field(default_factory=list)  # (descriptor path, its checked label)
+    provenance: str = ""  # one line: suite, runtime build, platform, stand-ins (run rows)
 
 
 # Lowest first: a cell is the lowest of the run's label and what the checker gives each
@@ -71,6 +73,7 @@ def row_from_bundle(path: Path) -> MatrixRow:
         name=row.backend, label=row.label.value, reason=row.reason, cells=cells, source=str(row_path),
         kind="run", timeline=timeline, timeline_from=source,
         runtime=f"{row.runtime} {row.runtime_version or ''}".strip(),
+        provenance=provenance_summary(row.provenance) if row.provenance else "",
     )
 
 
@@ -177,6 +180,7 @@ def markdown(rows: list[MatrixRow]) -> str:
     lines += ["", "## Reasons", ""]
     for r in rows:
         lines += [f"### {r.name}", "", f"{r.runtime}. {r.label}: {r.reason} (evidence: `{_shown(r.source)}`)", ""]
+        lines += [f"Provenance: {r.provenance}.", ""] if r.provenance else []
         lines += [f"Proposal `{_shown(src)}`: {label}." for src, label in r.proposals]
         lines += [""] if r.proposals else []
         lines += [f"- `{ob_id}`: {label or 'not applicable'}: {reason}" for ob_id, (label, reason) in r.cells.items()]
@@ -244,7 +248,7 @@ def html_page(rows: list[MatrixRow], base: Path | None = None) -> str:
             f"<tr><th class='r'><a href='{esc(link)}'>{esc(r.name)}</a><br><small>{esc(r.runtime)} · {esc(r.kind)}</small>"
             + "".join(f"<br><small><a href='{esc(_link(src, base))}'>proposal {esc(Path(src).stem)}</a>: {esc(lab)}</small>"
                       for src, lab in r.proposals) + "</th>"
-            f"<td title='{esc(r.reason)}'><b>{esc(r.label)}</b></td>{''.join(cells)}</tr>"
+            f"<td title='{esc(r.reason + (chr(10) + 'provenance: ' + r.provenance if r.provenance else ''))}'><b>{esc(r.label)}</b></td>{''.join(cells)}</tr>"
         )
     plots = []
     for r in rows:

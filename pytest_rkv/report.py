@@ -45,6 +45,8 @@ from pytest_rkv.evidence import (
     write_row,
 )
 from pytest_rkv.label import combine, obligation_label, row_label
+from pytest_rkv.provenance import row_provenance
+from pytest_rkv.provenance import summary as provenance_summary
 
 RESULT_KEY = "rkv_result"
 
@@ -277,7 +279,9 @@ class RowCollector:
                 continue
             run = run or self.run_facts()
             out = claim_bundle_dir(self.report_dir, name)
-            self.rows[name] = write_bundle(out, backend, run, self.descriptors)
+            facts = {**run, "provenance": row_provenance(backend.runtime, run.get("environment", {}),
+                                                         SUITE_VERSION, run.get("suite_hash", "unidentified"))}
+            self.rows[name] = write_bundle(out, backend, facts, self.descriptors)
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.rows:
@@ -288,6 +292,8 @@ class RowCollector:
             tr.write_line(f"{name} ({row.runtime} {row.runtime_version or '?'}, depth {row.depth}): "
                           f"{row.label.value.upper()}")
             tr.write_line(f"  {row.reason}")
+            if row.provenance:
+                tr.write_line(f"  provenance: {provenance_summary(row.provenance)}")
             for ob_id, ob in row.obligations.items():
                 label = ob.label.value if ob.label else "n/a"
                 tr.write_line(f"  {ob_id:<26} {ob.outcome.value:<14} {label:<24} {ob.reason}")

@@ -98,6 +98,8 @@ class Driver(ABC):
     # Modules the runtime needs in this interpreter; a missing one makes selecting the
     # backend a usage error naming what to install (the registry checks, before any test).
     requires: ClassVar[tuple[str, ...]] = ()
+    # The distribution that is the runtime in this interpreter, named in the row's provenance.
+    distribution: ClassVar[str | None] = None
 
     def __init__(self, settings: DriverSettings) -> None:
         self.settings = settings
@@ -126,7 +128,10 @@ class Driver(ABC):
     def describe(self) -> dict:
         """JSON facts about the runtime for the row (name, version, build)."""
         info = self.info()
-        return {"runtime": info.runtime, "runtime_version": info.runtime_version}
+        facts = {"runtime": info.runtime, "runtime_version": info.runtime_version}
+        if self.distribution:  # the installed distribution whose files the row's provenance hashes
+            facts["distribution"] = self.distribution
+        return facts
 
     # -- RKV API v1 ------------------------------------------------------------------
     @abstractmethod

@@ -191,6 +191,7 @@ class ReferenceHttpDriver(RkvHttpDriver):
     """The reference runtime in its own process, over real HTTP on loopback."""
 
     name = "reference-http"
+    distribution = "pytest-rkv"
 
     def __init__(self, settings) -> None:
         super().__init__(settings)

@@ -31,6 +31,7 @@ TENANT_BUDGET_BLOCKS = 60  # the canonical resident claim fits; the global budge
 class ReferenceDriver(Driver):
     name = "reference"
     depth = "native"
+    distribution = "pytest-rkv"  # the reference runtime ships inside this package
 
     tenant = TENANTS[0]
 
