@@ -1,4 +1,4 @@
-"""The long run of the reference runtime's state machine (tests/test_reference_model.py).
+"""The long run of the reference runtime's state machine (tests/reference/test_reference_model.py).
 
 Runs `RuntimeMachine` with hypothesis until at least `--steps` rule steps have executed,
 checking every invariant after every step, and prints the step count, the number of

@@ -64,7 +64,7 @@ def copy_checkout(dest: Path) -> None:
 # The reference runtime's fault modes (`FAULT_MODES`) sit in the claim logic as branches
 # taken only when a fault is switched on. The released suite runs the runtime with no
 # fault, so a mutant inside such a branch cannot change any outcome: it is equivalent for
-# this measure (tests/test_fault_modes.py is what exercises those branches). They are
+# this measure (tests/reference/test_fault_modes.py is what exercises those branches). They are
 # found from the syntax tree, never by hand.
 
 FAULT_ONLY_DEFS = {"park_forever", "Parked"}  # exist only for the queue_blocked_requests fault

@@ -337,7 +337,7 @@ class Probe:
     surface_kind: str
 
 
-# Every rkv_lowering probe in suites/ must be listed here (tests/test_descriptor.py checks it).
+# Every rkv_lowering probe in suites/ must be listed here (tests/checker/test_descriptor.py checks it).
 LOWERING_PROBES: dict[str, Probe] = {
     "priority-as-hard-claim": Probe("active-refusal", "request-priority"),
     "kv-routing-as-placement": Probe("placement", "kv-aware-routing"),

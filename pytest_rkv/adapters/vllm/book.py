@@ -5,7 +5,7 @@ hooks and engine utility calls), and so takes no locks. It knows vLLM's `BlockPo
 through `touch` (one reference per pin) and `free_blocks` (drop it), and answers in the
 contract's own models (`contract.Claim`, `contract.PoolState`).
 
-Invariants (tests/test_vllm_adapter_units.py exercises them through vLLM's real pool):
+Invariants (tests/vllm/test_vllm_adapter_units.py exercises them through vLLM's real pool):
 
 1. `pins[b]` is the number of live claims whose `blocks` contain block id `b`, and each is
    one `BlockPool.touch` reference on `b`; `hard_pins[b]` counts the hard ones among them.

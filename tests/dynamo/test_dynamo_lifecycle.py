@@ -25,7 +25,7 @@ from pytest_rkv.drivers.dynamo.driver import DynamoDriver
 from pytest_rkv.errors import ServerStartError
 from tests.runtimes import require_backend
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = require_backend("dynamo")
 

@@ -28,7 +28,7 @@ from pytest_rkv.checker import TRACE_NEEDS, check_data, check_lowering
 from pytest_rkv.evidence import events_digest
 from tests.conftest import recorded_catalogue
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = Path(__file__).resolve().parent / "bad_lowerings" / "adapter-claims-native"
 BASE_ROW = json.loads((BUNDLE / "row.json").read_text())
 BASE_TRACE = [json.loads(line) for line in (BUNDLE / "events.jsonl").read_text().splitlines() if line]

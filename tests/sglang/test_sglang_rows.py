@@ -19,7 +19,7 @@ pytestmark = require_backend("sglang")
 from pytest_rkv.evidence import bundle_dir  # noqa: E402
 from pytest_rkv.verify import verify  # noqa: E402
 from tests.conftest import SUITES  # noqa: E402
-from tests.test_sglang_lifecycle import run_processes  # noqa: E402
+from tests.sglang.test_sglang_lifecycle import run_processes  # noqa: E402
 
 REPO = SUITES.parent
 PAGE = 16

@@ -22,7 +22,7 @@ from pytest_rkv.drivers.base import DriverSettings  # noqa: E402
 from pytest_rkv.drivers.vllm import lmcache as tier_mod  # noqa: E402
 from pytest_rkv.drivers.vllm_lmcache import VllmLmcacheDriver  # noqa: E402
 from pytest_rkv.errors import ServerStartError  # noqa: E402
-from tests.test_vllm_lifecycle import (  # noqa: E402
+from tests.vllm.test_vllm_lifecycle import (  # noqa: E402
     RunProcesses,
     describe,
     signal_and_wait,
@@ -91,7 +91,7 @@ INNER_TEST = textwrap.dedent('''
 
 
 def test_ctrl_c_while_both_servers_run_leaves_nothing(run, monkeypatch):
-    monkeypatch.setattr("tests.test_vllm_lifecycle.INNER_TEST", INNER_TEST)
+    monkeypatch.setattr("tests.vllm.test_vllm_lifecycle.INNER_TEST", INNER_TEST)
     inner = start_inner_pytest(run)
     try:
         wait_for(lambda: (run.workdir / "READY").exists(), 900, "vLLM + LMCache to be ready", inner)

@@ -24,7 +24,7 @@ from pytest_rkv.drivers.sglang.server import KERNEL_CALL_LOG_ENV, MARKER_ENV, pl
 from pytest_rkv.drivers.vllm.model import ModelChoice
 from pytest_rkv.errors import GeometryMismatch, ProtocolViolation
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env(real_kernel=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.agentic import configs, figures  # noqa: E402
 from bench.agentic.client import is_refused_stream, read_stream, sse_payloads  # noqa: E402

@@ -21,7 +21,7 @@ from pytest_rkv.descriptor import (
 from pytest_rkv.checker import check_data, check_file, check_lowering
 from tests.conftest import recorded_catalogue
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ROOT / "backends"
 REFERENCE = BACKENDS / "reference" / "reference.toml"
 VLLM_RUN = Path(__file__).resolve().parent / "bad_lowerings" / "priority-as-hard-claim"  # a real vLLM 0.32 run

@@ -1,6 +1,6 @@
 """The bad-lowering suite: counterexamples the checker must label exactly, for the stated reason.
 
-Each folder under tests/bad_lowerings/ is one counterexample:
+Each folder under tests/checker/bad_lowerings/ is one counterexample:
 
     descriptor.toml   the proposed lowering
     row.json          the run's row, if there was a run (absent: a static row)
@@ -28,7 +28,7 @@ from tests.conftest import recorded_catalogue
 from pytest_rkv.checker import FINDING_CODES, check_file
 from pytest_rkv.matrix import render_check
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BAD = Path(__file__).resolve().parent / "bad_lowerings"
 CASES = sorted(p for p in BAD.iterdir() if (p / "expect.toml").is_file())
 CATALOGUE = SuiteCatalogue.scan(ROOT / "suites")

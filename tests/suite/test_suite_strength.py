@@ -1,4 +1,4 @@
-"""The suite's own strength, beyond one fault mode per obligation (tests/test_fault_modes.py
+"""The suite's own strength, beyond one fault mode per obligation (tests/reference/test_fault_modes.py
 runs every fault mode, including the ones added for each check here)."""
 
 from pytest_rkv.trace import reconstruct

@@ -21,7 +21,7 @@ from tests.runtimes import require_backend
 pytestmark = require_backend("vllm+rkv")
 openai = pytest.importorskip("openai")  # a dependency of vLLM's OpenAI server
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "vllm-adapter.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "vllm-adapter.md"
 B = 32  # the CPU build's block size (drivers/vllm/build.py)
 # 15 tokens a sentence (the tiny model's tokenizer: one token per word or punctuation run).
 SENTENCE = "You are a careful agent: read the task, plan, then act. "

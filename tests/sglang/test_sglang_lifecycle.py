@@ -27,7 +27,7 @@ from tests.runtimes import require_backend
 
 pytestmark = require_backend("sglang")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_processes(workdir: Path) -> list[int]:
