@@ -80,7 +80,8 @@ def row_from_bundle(path: Path) -> MatrixRow:
 def runtime_rows(bundles: list[Path], checks: list["RowCheck"]) -> list[MatrixRow]:
     """One row per canonical backend id. A run-backed runtime: the run's labels, each cell
     lowered (never raised) by what the checker gives its descriptors' proposals, which are
-    linked from the row. A runtime with no run: its descriptors' static labels."""
+    linked from the row; a rejected proposal marks its cells, not the runtime's row label.
+    A runtime with no run: its descriptors' static labels."""
     rows: dict[str, MatrixRow] = {}
     for path in bundles:
         r = row_from_bundle(path)
@@ -103,7 +104,9 @@ def runtime_rows(bundles: list[Path], checks: list["RowCheck"]) -> list[MatrixRo
                 if lowered != label:
                     reason = f"{reason}; lowered by {Path(check.source).name}: {c.reason}"
                 r.cells[ob_id] = (lowered, reason)
-            lowered = _lowest(r.label, check.label.value)
+            # A rejected proposal is a verdict on that mapping, shown in its cells and linked;
+            # the runtime's row keeps what its run earned (lowered only by weaker evidence).
+            lowered = r.label if check.label == Label.REJECTED else _lowest(r.label, check.label.value)
             if lowered != r.label:
                 r.label, r.reason = lowered, f"{r.reason}; lowered by {Path(check.source).name}: {check.reason}"
         r.proposals.append((check.source, check.label.value))
