@@ -22,7 +22,9 @@ def _orphan_maker(marker: str, exit_code: int = 0) -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def _helpers(marker: str) -> list[int]:
+def _helpers(marker: str, own_arg: bool = False) -> list[int]:
+    """Live processes whose command line holds `marker` (the supervisor included), or with
+    `own_arg` only those that have it as a whole argument (the helper itself)."""
     found = []
     for pid in (p for p in os.listdir("/proc") if p.isdigit()):
         try:
@@ -32,7 +34,8 @@ def _helpers(marker: str) -> list[int]:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if any(marker.encode() in arg for arg in args) and state != "Z":  # supervisor included
+        hit = marker.encode() in args if own_arg else any(marker.encode() in arg for arg in args)
+        if hit and state != "Z":
             found.append(int(pid))
     return found
 
@@ -74,7 +77,10 @@ def test_supervisor_takes_the_group_down_when_its_parent_is_killed(marker, tmp_p
     parent = subprocess.Popen([sys.executable, "-c", parent_code])
     try:
         deadline = time.monotonic() + 20
-        while not _helpers(marker):
+        # Wait for the helper itself (the marker is its own argument), not for the supervisor:
+        # the supervisor starts the server only after arming its parent-death signal, so a
+        # kill before then would test nothing.
+        while not _helpers(marker, own_arg=True):
             assert time.monotonic() < deadline, "the helper never started"
             time.sleep(0.05)
         parent.kill()  # like kill -9 of pytest: no Python cleanup anywhere
