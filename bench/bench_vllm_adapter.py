@@ -67,7 +67,7 @@ def _run_round(base_url: str, served: str, prompts: list[list[int]], max_tokens:
     import requests
 
     from pytest_rkv.contract import CompletionRequest
-    from pytest_rkv.drivers.vllm.driver import completion_body
+    from pytest_rkv.drivers.vllm.answers import completion_body
 
     local = threading.local()
 
@@ -128,7 +128,7 @@ def _paired(drivers: dict, args: argparse.Namespace) -> dict:
     import requests
 
     from pytest_rkv.contract import CompletionRequest
-    from pytest_rkv.drivers.vllm.driver import completion_body
+    from pytest_rkv.drivers.vllm.answers import completion_body
 
     n = args.pairs
     prompts = _workload(1000, n)

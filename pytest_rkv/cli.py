@@ -370,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecursionError:  # a deeply nested TOML or JSON document
         print(f"rkv {args.command}: an input file is nested too deeply to read", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `rkv backends | head`: the reader left, which is not an error
+        sys.stderr.close()  # so the interpreter's own flush at exit does not complain again
+        return 0
 
 
 if __name__ == "__main__":

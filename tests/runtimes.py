@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from pytest_rkv.drivers.registry import driver_class
+from pytest_rkv.drivers.registry import driver_class, load_class
 from pytest_rkv.errors import BackendUnavailable
 
 # backend id -> the marker its self-tests carry (several backends share a runtime)
@@ -26,3 +26,13 @@ def require_backend(*backends: str) -> list[pytest.MarkDecorator]:
             pytest.skip(str(exc), allow_module_level=True)
     markers = {MARKER.get(b, b.split("+")[0]) for b in backends}
     return [getattr(pytest.mark, name) for name in sorted(markers)] + [pytest.mark.slow]
+
+
+def require_driver_modules(backend: str) -> None:
+    """Skip the calling module unless the backend's driver imports here (its harness-side
+    extra is installed); the runtime itself need not be. For unit tests of a driver's pure
+    parts. Call it at module top, before importing the driver."""
+    try:
+        load_class(backend)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc), allow_module_level=True)

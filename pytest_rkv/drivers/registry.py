@@ -86,6 +86,17 @@ def lookup(name: str) -> Backend:
 
 def driver_class(name: str) -> type[Driver]:
     """The driver class of backend `name`, checked to be installed and usable."""
+    cls = load_class(name)
+    try:
+        cls.check_available()
+    except BackendUnavailable as exc:
+        raise BackendUnavailable(f"backend {name!r} {exc}{lookup(name).install_hint}") from None
+    return cls
+
+
+def load_class(name: str) -> type[Driver]:
+    """The driver class of backend `name`, imported but not asked whether its runtime is
+    here (the driver's own modules and the harness-side extras are)."""
     backend = lookup(name)
     module, _, attr = backend.target.partition(":")
     try:
@@ -96,8 +107,4 @@ def driver_class(name: str) -> type[Driver]:
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
         raise UnknownBackend(f"backend {name!r} ({backend.target}, from {backend.distribution}) is not a Driver class")
-    try:
-        cls.check_available()
-    except BackendUnavailable as exc:
-        raise BackendUnavailable(f"backend {name!r} {exc}{backend.install_hint}") from None
     return cls

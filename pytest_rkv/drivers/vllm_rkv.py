@@ -45,7 +45,8 @@ from pytest_rkv.contract import (
 )
 from pytest_rkv.drivers.base import DriverSettings, Reply
 from pytest_rkv.drivers.http import RkvHttpDriver, parse_reply
-from pytest_rkv.drivers.vllm.driver import VllmDriver, completion_body
+from pytest_rkv.drivers.vllm.answers import completion_body
+from pytest_rkv.drivers.vllm.driver import VllmDriver
 from pytest_rkv.errors import HarnessError, ServerStartError
 
 RESET_TIMEOUT = 30.0

@@ -18,16 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from pytest_rkv.drivers import netns
-from pytest_rkv.drivers.base import DriverSettings
-from pytest_rkv.drivers.dynamo import deploy
-from pytest_rkv.drivers.dynamo.driver import DynamoDriver
-from pytest_rkv.errors import ServerStartError
 from tests.runtimes import require_backend
 
-REPO = Path(__file__).resolve().parents[2]
-
 pytestmark = require_backend("dynamo")
+
+from pytest_rkv.drivers import netns  # noqa: E402
+from pytest_rkv.drivers.base import DriverSettings  # noqa: E402
+from pytest_rkv.drivers.dynamo import deploy  # noqa: E402
+from pytest_rkv.drivers.dynamo.driver import DynamoDriver  # noqa: E402
+from pytest_rkv.errors import ServerStartError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_processes(workdir: Path) -> list[str]:

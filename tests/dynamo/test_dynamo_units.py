@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from pytest_rkv.drivers.dynamo import deploy, model
-from pytest_rkv.drivers.dynamo.driver import completion_from_dynamo, routed_from_nvext
-from pytest_rkv.drivers.netns import LoopbackNamespace
-from pytest_rkv.errors import HarnessError, ProtocolViolation
+from tests.runtimes import require_driver_modules
+
+require_driver_modules("dynamo")
+
+from pytest_rkv.drivers.dynamo import deploy, model  # noqa: E402
+from pytest_rkv.drivers.dynamo.driver import completion_from_dynamo, routed_from_nvext  # noqa: E402
+from pytest_rkv.drivers.netns import LoopbackNamespace  # noqa: E402
+from pytest_rkv.errors import HarnessError, ProtocolViolation  # noqa: E402
 
 
 def _plan(tmp_path: Path, generation: int = 0) -> deploy.DeploymentPlan:

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from pytest_rkv.drivers.base import DriverSettings
-from pytest_rkv.drivers.sglang.driver import SglangDriver
-from pytest_rkv.drivers.sglang.server import MARKER_ENV
-from pytest_rkv.errors import GeometryMismatch
 from tests.runtimes import require_backend
 
 pytestmark = require_backend("sglang")
+
+from pytest_rkv.drivers.base import DriverSettings  # noqa: E402
+from pytest_rkv.drivers.sglang.driver import SglangDriver  # noqa: E402
+from pytest_rkv.drivers.sglang.server import MARKER_ENV  # noqa: E402
+from pytest_rkv.errors import GeometryMismatch  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from pytest_rkv.contract import CompletionRequest
-from pytest_rkv.drivers.sglang import environment as env_mod
-from pytest_rkv.drivers.sglang.driver import (
+from tests.runtimes import require_driver_modules
+
+require_driver_modules("sglang")
+
+from pytest_rkv.contract import CompletionRequest  # noqa: E402
+from pytest_rkv.drivers.sglang import environment as env_mod  # noqa: E402
+from pytest_rkv.drivers.sglang.driver import (  # noqa: E402
     check_cached_tokens,
     completion_from_sglang,
     error_from_sglang,
@@ -19,10 +23,10 @@ from pytest_rkv.drivers.sglang.driver import (
     max_cached_tokens,
     verify_geometry,
 )
-from pytest_rkv.drivers.sglang.model import tokenizer_json
-from pytest_rkv.drivers.sglang.server import KERNEL_CALL_LOG_ENV, MARKER_ENV, plan_server
-from pytest_rkv.drivers.vllm.model import ModelChoice
-from pytest_rkv.errors import GeometryMismatch, ProtocolViolation
+from pytest_rkv.drivers.sglang.model import tokenizer_json  # noqa: E402
+from pytest_rkv.drivers.sglang.server import KERNEL_CALL_LOG_ENV, MARKER_ENV, plan_server  # noqa: E402
+from pytest_rkv.drivers.vllm.model import ModelChoice  # noqa: E402
+from pytest_rkv.errors import GeometryMismatch, ProtocolViolation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

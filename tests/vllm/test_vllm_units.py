@@ -23,7 +23,7 @@ import msgspec  # noqa: E402 (the vllm extra)
 
 from pytest_rkv.contract import CompletionRequest, EventType
 from pytest_rkv.drivers.vllm import build, events, geometry, hashing, metrics, model, server
-from pytest_rkv.drivers.vllm.driver import completion_body, completion_from_vllm, error_from_vllm
+from pytest_rkv.drivers.vllm.answers import completion_body, completion_from_vllm, error_from_vllm
 from pytest_rkv.errors import GeometryMismatch, HarnessError
 
 # -- metrics ------------------------------------------------------------------------------

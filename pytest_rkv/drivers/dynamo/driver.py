@@ -47,7 +47,7 @@ from pytest_rkv.drivers.dynamo import deploy, model
 from pytest_rkv.drivers import netns
 from pytest_rkv.drivers.netns import LoopbackNamespace
 from pytest_rkv.drivers.vllm import metrics as metrics_mod
-from pytest_rkv.drivers.vllm.driver import error_from_vllm
+from pytest_rkv.drivers.vllm.answers import error_from_vllm
 from pytest_rkv.drivers.vllm.events import KvEventSubscriber
 from pytest_rkv.errors import BackendUnavailable, HarnessError, ProtocolViolation, ServerStartError, Unsupported
 
