@@ -11,9 +11,11 @@ What it does:
 3. runs mutmut 3.8.1 over `pytest_rkv/reference/runtime.py` and `pool.py`, with the suite
    as the test command and `mutation_gate.py` loaded, so a mutant counts as killed when
    any test's outcome differs from the baseline (not only when pytest exits non-zero);
-4. prints killed / total, the score over non-equivalent mutants (the equivalent ones are
-   listed in `mutation_equivalent.txt`, one `name  # verdict` per line), and each
-   survivor with its diff.
+4. prints killed / total, the score over non-equivalent mutants, and each survivor with
+   its diff and its verdict. Verdicts come from `mutation_verdicts.txt`, one
+   `regex  # verdict` per line, the regex searched in the mutant's name and changed lines
+   (first match wins): a verdict that starts with "equivalent" takes the mutant out of
+   the denominator; any other verdict ("gap: ...") names what the suite does not check.
 
 Needs mutmut==3.8.1 in the running interpreter's environment (it is not a project
 dependency: `pip install mutmut==3.8.1`). Takes minutes; run it under `nice`.
@@ -36,8 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
-EQUIVALENT = BENCH / "mutation_equivalent.txt"
-MUTATED = ["pytest_rkv/reference/runtime.py", "pytest_rkv/reference/pool.py"]
+VERDICTS = BENCH / "mutation_verdicts.txt"
+MUTATED = ["pytest_rkv/reference/runtime.py", "pytest_rkv/reference/pool.py", "pytest_rkv/reference/tenants.py"]
 SUITE_ARGS = ["--rkv-backend=reference", "-p", "no:cacheprovider", "-p", "mutation_gate"]
 
 MUTMUT_CONFIG = """
@@ -67,7 +69,8 @@ def copy_checkout(dest: Path) -> None:
 # this measure (tests/reference/test_fault_modes.py is what exercises those branches). They are
 # found from the syntax tree, never by hand.
 
-FAULT_ONLY_DEFS = {"park_forever", "Parked"}  # exist only for the queue_blocked_requests fault
+FAULT_ONLY_DEFS = {"park_forever", "Parked",  # exist only for the queue_blocked_requests fault
+                   "_distort"}  # exists only for the event-content faults
 
 
 def _requires_fault(test: ast.AST) -> bool:
@@ -179,14 +182,20 @@ def mutant_diffs(work: Path) -> dict[str, str]:
     return diffs
 
 
-def load_equivalent() -> dict[str, str]:
-    found: dict[str, str] = {}
-    if EQUIVALENT.exists():
-        for line in EQUIVALENT.read_text().splitlines():
-            name, _, verdict = line.partition("#")
-            if name.strip():
-                found[name.strip()] = verdict.strip()
-    return found
+def load_verdicts() -> list[tuple[re.Pattern[str], str]]:
+    rules: list[tuple[re.Pattern[str], str]] = []
+    if VERDICTS.exists():
+        for line in VERDICTS.read_text().splitlines():
+            pattern, sep, verdict = line.partition("  # ")
+            if pattern.strip() and not pattern.startswith("#") and sep:
+                rules.append((re.compile(pattern.strip()), verdict.strip()))
+    return rules
+
+
+def verdict_for(name: str, diff: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
+    changed = "\n".join(line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---"))
+    subject = f"{name}\n{changed}"
+    return next((verdict for pattern, verdict in rules if pattern.search(subject)), None)
 
 
 def main() -> int:
@@ -222,13 +231,14 @@ def main() -> int:
                              capture_output=True, text=True, check=True).stdout
     status = dict(re.findall(r"^\s+(\S+): (\w[\w ]*)$", listing, re.MULTILINE))
     sources = {m[:-3].replace("/", "."): (work / m).read_text() for m in MUTATED}
-    equivalent = load_equivalent()
+    rules = load_verdicts()
     killed = [n for n, s in status.items() if s in ("killed", "timeout")]
     every_diff = mutant_diffs(work)
     diffs = {n: every_diff.get(n, "") for n, s in status.items() if s not in ("killed", "timeout")}
     fault_only = sorted(n for n, d in diffs.items() if is_fault_only(n, d, sources))
-    listed = sorted(n for n in diffs if n in equivalent and n not in fault_only)
-    survivors = sorted(n for n in diffs if n not in equivalent and n not in fault_only)
+    verdicts = {n: verdict_for(n, d, rules) for n, d in diffs.items() if n not in fault_only}
+    listed = sorted(n for n, v in verdicts.items() if v and v.startswith("equivalent"))
+    survivors = sorted(n for n in verdicts if n not in listed)
     total = len(status)
     equiv = len(fault_only) + len(listed)
     score = len(killed) / max(1, total - equiv)
@@ -236,15 +246,15 @@ def main() -> int:
           f"listed equivalent {len(listed)}, other survivors {len(survivors)}")
     print(f"raw score {len(killed)}/{total} = {len(killed) / max(1, total):.1%}; "
           f"score over non-equivalent {len(killed)}/{total - equiv} = {score:.1%}")
-    for name in listed:
-        print(f"  equivalent {name}: {equivalent[name]}")
-    for name in survivors:
-        print(f"\n## {name}: {status[name]}\n{diffs[name]}")
+    unexplained = [n for n in survivors if not verdicts[n]]
+    print(f"survivors with a verdict {len(survivors) - len(unexplained)}, without {len(unexplained)}")
+    for name in [*listed, *survivors]:
+        print(f"\n## {name}: {status[name]} -- {verdicts[name] or 'NO VERDICT'}\n{diffs[name]}")
     if args.json:
         args.json.write_text(json.dumps({
             "workdir": str(work), "total": total, "killed": len(killed), "fault_only": fault_only,
-            "equivalent": {n: equivalent[n] for n in listed}, "score": score, "status": status,
-            "survivors": {n: diffs[n] for n in survivors},
+            "equivalent": {n: verdicts[n] for n in listed}, "score": score, "status": status,
+            "survivors": {n: {"verdict": verdicts[n], "diff": diffs[n]} for n in survivors},
         }, indent=1))
     return 0
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pytest_rkv.contract import EVENT_TRANSITIONS, ClaimState, Event, EventType
+from pytest_rkv.contract import EVENT_TRANSITIONS, ClaimState, ErrorBody, Event, EventType
 
 
 def order_problems(events: Iterable[Event]) -> list[str]:
@@ -47,6 +47,65 @@ def order_problems(events: Iterable[Event]) -> list[str]:
             )
         if e.to_state is not None:
             state[e.claim_id] = e.to_state
+    return problems
+
+
+# The contents every event must carry, whoever checks (docs/SPEC.md, "Event fields").
+# Events a request causes name it; claim.accepted and the materialization that follows
+# name the claim's own request (the same id on both).
+NAMES_REQUEST = frozenset({
+    EventType.CLAIM_ACCEPTED, EventType.CLAIM_MATERIALIZED, EventType.CLAIM_MATERIALIZATION_FAILED,
+    EventType.CLAIM_REUSED, EventType.CLAIM_RESTORED, EventType.CLAIM_RESTORE_FAILED,
+    EventType.REQUEST_REFUSED, EventType.REQUEST_COMPLETED,
+})
+TIER_OF = {EventType.CLAIM_MATERIALIZED: "device", EventType.CLAIM_RESTORED: "device",
+           EventType.CLAIM_DEMOTED: "host"}
+
+
+@dataclass
+class Ledger:
+    """What a test itself did, to hold event contents against: the claims it was granted
+    (id -> blocks) and the active refusals it was answered (request id -> error body)."""
+
+    claims: dict[str, int] = field(default_factory=dict)
+    refusals: dict[str, ErrorBody] = field(default_factory=dict)
+
+
+def content_problems(events: Iterable[Event], ledger: Ledger | None = None) -> list[str]:
+    """Every event whose fields disagree with its type, with the rest of the trace, or
+    with what the test knows it did; empty when every field is as the contract says."""
+    ledger = ledger or Ledger()
+    problems: list[str] = []
+    claim_request: dict[str, str | None] = {}  # claim id -> the request on its claim.accepted
+    for e in events:
+        where = f"seq {e.seq}: {e.type.value}" + (f" of {e.claim_id}" if e.claim_id else "")
+        if e.block_hashes and e.blocks != len(e.block_hashes):
+            problems.append(f"{where} says {e.blocks} blocks but lists {len(e.block_hashes)} block hashes")
+        if e.type in TIER_OF and e.tier != TIER_OF[e.type]:
+            problems.append(f"{where} reports tier {e.tier!r}; the claim is then on the {TIER_OF[e.type]} tier")
+        if e.type in NAMES_REQUEST and not e.request_id:
+            problems.append(f"{where} names no request")
+        if e.type == EventType.CLAIM_REFUSED and e.claim_id is not None:
+            problems.append(f"{where}: a refused claim was never issued an id")
+        if e.type == EventType.CLAIM_ACCEPTED and e.claim_id:
+            claim_request[e.claim_id] = e.request_id
+        if e.type in (EventType.CLAIM_MATERIALIZED, EventType.CLAIM_MATERIALIZATION_FAILED) \
+                and e.claim_id in claim_request and e.request_id != claim_request[e.claim_id]:
+            problems.append(f"{where} names request {e.request_id!r}, the claim's own request was "
+                            f"{claim_request[e.claim_id]!r}")
+        granted = ledger.claims.get(e.claim_id or "")
+        if granted is not None:
+            if e.type in (EventType.CLAIM_ACCEPTED, EventType.CLAIM_MATERIALIZED) and e.blocks != granted:
+                problems.append(f"{where} says {e.blocks} blocks; the claim covers {granted}")
+            if e.type == EventType.CLAIM_REUSED and not 1 <= e.blocks <= granted:
+                problems.append(f"{where} credits {e.blocks} blocks; the claim covers {granted}")
+        refusal = ledger.refusals.get(e.request_id or "")
+        if e.type == EventType.REQUEST_REFUSED and refusal is not None:
+            if e.blocks != refusal.needed_blocks or sorted(e.blocking_claims) != sorted(refusal.blocking_claims):
+                problems.append(
+                    f"{where} says {e.blocks} blocks needed, blocked by {sorted(e.blocking_claims)}; the "
+                    f"refusal said {refusal.needed_blocks}, blocked by {sorted(refusal.blocking_claims)}"
+                )
     return problems
 
 

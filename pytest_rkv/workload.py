@@ -25,7 +25,7 @@ from pytest_rkv.contract import (
 )
 from pytest_rkv.drivers.base import Driver, Reply
 from pytest_rkv.errors import NoAnswer
-from pytest_rkv.trace import order_problems
+from pytest_rkv.trace import Ledger, content_problems, order_problems
 
 # The canonical probe (in blocks): a pool of 80 usable blocks, a 60-block resident claim,
 # a 70-block active prefill. 60 + 70 > 80, so they cannot both fit.
@@ -96,6 +96,7 @@ class Probe:
         self._record = record
         self._requests = 0
         self._pool_steps: list[dict] = []
+        self.ledger = Ledger()  # what this test did, to hold the events against
 
     # -- prompts ---------------------------------------------------------------------
     def tokens(self, tag: str, blocks: int, extra_tokens: int = 0) -> list[int]:
@@ -108,10 +109,14 @@ class Probe:
     # -- actions ---------------------------------------------------------------------
     def claim(self, tag: str, blocks: int, strength: str = "hard", *, ttl_s: float | None = None,
               demotable: bool = False, extra_tokens: int = 0) -> Reply[Claim]:
-        return self.driver.claim(ClaimRequest(
+        reply = self.driver.claim(ClaimRequest(
             prompt_token_ids=self.tokens(tag, blocks, extra_tokens),
             strength=strength, ttl_s=ttl_s, demotable=demotable,
         ))
+        if reply.value is not None:
+            # what was asked for (full blocks of the prompt), not what the runtime echoed
+            self.ledger.claims[reply.value.claim_id] = blocks + extra_tokens // self.block_size
+        return reply
 
     def accepted(self, tag: str, blocks: int, strength: str = "hard", **kw) -> Claim:
         """A claim that the test needs accepted and resident to go on."""
@@ -144,6 +149,8 @@ class Probe:
             self.record("no_answer", {"request_id": rid, "waited_s": exc.waited_s, "refusal": None,
                                       "claim": state, "detail": exc.detail})
             raise AssertionError(f"request {rid}: no answer in {exc.waited_s:g} s; no refusal; {state}") from None
+        if reply.error is not None and reply.error.type == "active_refusal":
+            self.ledger.refusals[rid] = reply.error
         return rid, reply
 
     def reuse_query(self, tag: str, blocks: int, **kw) -> tuple[str, Reply[Completion]]:
@@ -173,7 +180,8 @@ class Probe:
         """The events with seq > mark. Every read also checks the whole trace so far: the
         page holds exactly the events after `mark` (in order, none twice), and every
         claim's events follow the lifecycle state machine (ordered-lifecycle holds on
-        every test's trace, not only on the one test named for it)."""
+        every test's trace, not only on the one test named for it), and every event's fields
+        agree with its type, the rest of the trace and what this test did."""
         page = self.driver.events(after=mark)
         trace = self.driver.events()
         # events may arrive between the two reads: compare with the same number of events
@@ -184,6 +192,8 @@ class Probe:
         )
         problems = order_problems(trace)
         assert not problems, "the event trace breaks the claim state machine:\n" + "\n".join(problems[:10])
+        wrong = content_problems(trace, self.ledger)
+        assert not wrong, "events whose fields are not what happened:\n" + "\n".join(wrong[:10])
         return page
 
     def pool_adds_up(self, step: str) -> PoolState:

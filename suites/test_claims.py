@@ -80,6 +80,10 @@ def test_claim_covers_exactly_its_full_blocks(rkv):
         f"a claim shorter than one block is malformed (422 invalid_request), yet got {too_short.status} "
         f"{too_short.error or too_short.value}"
     )
+    named = [f.get("loc") for f in too_short.error.fields if isinstance(f, dict)]
+    assert any(isinstance(loc, list) and "prompt_token_ids" in loc for loc in named), (
+        f"a 422 must say which field is wrong (fields[].loc naming prompt_token_ids); fields = {too_short.error.fields}"
+    )
 
 
 @pytest.mark.rkv_obligation("ordered-lifecycle")

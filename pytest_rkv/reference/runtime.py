@@ -93,7 +93,18 @@ FAULT_MODES: dict[str, str] = {
     "restore_after_reuse": "demotion-restore: the restore event comes after the reuse it served",
     "budget_off_by_one": "write-no-admit: a claim exactly filling the budget is refused",
     "tenant_blind": "claim-isolation: tenants read, release and reuse each other's claims, one budget for all",
+    "events_miscount_blocks": "ordered-lifecycle: claim.accepted and claim.materialized say one block fewer than the claim covers",
+    "materialized_on_host": "ordered-lifecycle: claim.materialized reports the host tier",
+    "events_without_requests": "ordered-lifecycle: events name no request",
+    "stored_count_off": "ordered-lifecycle: blocks.stored says one block more than the hashes it lists",
+    "refusal_event_disagrees": "active-refusal: the request.refused event says one block more than the refusal did",
+    "unlocated_invalid": "materialization-predicate: a malformed claim's 422 does not say which field is wrong",
 }
+# The faults that only change the contents of events, applied where events are emitted.
+_EVENT_CONTENT_FAULTS = frozenset({
+    "events_miscount_blocks", "materialized_on_host", "events_without_requests", "stored_count_off",
+    "refusal_event_disagrees",
+})
 
 EVERYONE = "*"  # owner of events every tenant sees (a reset)
 OTHER_TENANTS = "(another tenant)"  # what a tenant sees in place of another's ids
@@ -224,7 +235,27 @@ class MicroRuntime:
             self._flush()
 
     def _emit(self, type_: EventType, owner: str | None = None, **fields) -> None:
+        fields = self._distort(type_, fields)
         self._pending.append({"type": type_, "owner": owner if owner is not None else self._actor, **fields})
+
+    def _distort(self, type_: EventType, fields: dict) -> dict:
+        """An event's fields as the armed content faults misreport them (as they are, when
+        none is armed)."""
+        faults = self.faults & _EVENT_CONTENT_FAULTS
+        if not faults:
+            return fields
+        fields = dict(fields)
+        if "events_miscount_blocks" in faults and type_ in (EventType.CLAIM_ACCEPTED, EventType.CLAIM_MATERIALIZED):
+            fields["blocks"] = fields.get("blocks", 0) - 1
+        if "materialized_on_host" in faults and type_ == EventType.CLAIM_MATERIALIZED:
+            fields["tier"] = "host"
+        if "events_without_requests" in faults:
+            fields.pop("request_id", None)
+        if "stored_count_off" in faults and type_ == EventType.BLOCKS_STORED:
+            fields["blocks"] = fields.get("blocks", 0) + 1
+        if "refusal_event_disagrees" in faults and type_ == EventType.REQUEST_REFUSED:
+            fields["blocks"] = fields.get("blocks", 0) + 1
+        return fields
 
     def _transition(self, claim: _Claim, type_: EventType, **fields) -> None:
         _, to_state = EVENT_TRANSITIONS[type_]
@@ -513,7 +544,8 @@ class MicroRuntime:
             raise ApiError(422, ErrorBody(
                 type="invalid_request",
                 message=f"a claim must cover at least one full block of {self.block_size} tokens",
-                fields=[{"loc": ["prompt_token_ids"], "msg": "shorter than one block"}],
+                fields=[] if "unlocated_invalid" in self.faults
+                else [{"loc": ["prompt_token_ids"], "msg": "shorter than one block"}],
             ))
         held = sum(len(c.hashes) for c in self._live())
         room = self.claim_budget_blocks - held

@@ -42,3 +42,41 @@ def test_reconstruction_names_events_whose_states_contradict_their_type():
         "seq 3: claim.released of c says resident -> harmed, the claim was resident and the event means -> released"
     ]
     assert not reconstruct(events[:2]).problems
+
+
+def test_event_contents_are_held_to_the_trace_and_to_what_the_test_did():
+    from pytest_rkv.contract import ErrorBody
+    from pytest_rkv.trace import Ledger, content_problems
+
+    A, R = ClaimState.ACCEPTED, ClaimState.RESIDENT
+    good = [
+        _event(1, EventType.CLAIM_ACCEPTED, "c", None, A, request_id="cr", blocks=3),
+        Event(seq=2, ts=0.0, type=EventType.BLOCKS_STORED, request_id="cr", blocks=2, block_hashes=["h1", "h2"]),
+        _event(3, EventType.CLAIM_MATERIALIZED, "c", A, R, request_id="cr", tier="device", blocks=3),
+        _event(4, EventType.CLAIM_REUSED, "c", R, R, request_id="r1", blocks=2),
+        Event(seq=5, ts=0.0, type=EventType.REQUEST_REFUSED, request_id="r2", blocks=70, blocking_claims=["c"]),
+        Event(seq=6, ts=0.0, type=EventType.CLAIM_REFUSED, request_id="cr2", blocks=90),
+    ]
+    refusal = ErrorBody(type="active_refusal", message="", request_id="r2", blocking_claims=["c"], needed_blocks=70)
+    ledger = Ledger(claims={"c": 3}, refusals={"r2": refusal})
+    assert content_problems(good, ledger) == []
+
+    def problems(seq: int, **change) -> list[str]:
+        events = [e.model_copy(update=change) if e.seq == seq else e for e in good]
+        return content_problems(events, ledger)
+
+    assert problems(2, blocks=3) == ["seq 2: blocks.stored says 3 blocks but lists 2 block hashes"]
+    assert problems(3, tier="host") == ["seq 3: claim.materialized of c reports tier 'host'; the claim is then on the device tier"]
+    assert problems(4, request_id=None) == ["seq 4: claim.reused of c names no request"]
+    assert problems(3, request_id="other") == [
+        "seq 3: claim.materialized of c names request 'other', the claim's own request was 'cr'"]
+    assert problems(1, blocks=2) == ["seq 1: claim.accepted of c says 2 blocks; the claim covers 3"]
+    assert problems(4, blocks=4) == ["seq 4: claim.reused of c credits 4 blocks; the claim covers 3"]
+    assert problems(4, blocks=0) == ["seq 4: claim.reused of c credits 0 blocks; the claim covers 3"]
+    assert problems(5, blocks=71) == [
+        "seq 5: request.refused says 71 blocks needed, blocked by ['c']; the refusal said 70, blocked by ['c']"]
+    assert problems(5, blocking_claims=[]) == [
+        "seq 5: request.refused says 70 blocks needed, blocked by []; the refusal said 70, blocked by ['c']"]
+    assert problems(6, claim_id="x") == ["seq 6: claim.refused of x: a refused claim was never issued an id"]
+    # what the test did not do is held only to the trace
+    assert content_problems(good, Ledger()) == []
