@@ -7,6 +7,8 @@ reference row stops being all-passed native conformance. This plugin closes that
 
 * `RKV_MUTATION_RECORD=<file>`: write {nodeid: outcome} of this run (the unmutated baseline).
 * `RKV_MUTATION_BASELINE=<file>`: set exit status 1 when any test's outcome differs from it.
+* `RKV_MUTATION_REPORTS=<dir>`: write this process's bundle under `<dir>/run-<pid>`, so
+  mutmut's concurrent children never share (and empty) one bundle folder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ import os
 import pytest
 
 RESULT_KEY = "rkv_result"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    reports = os.environ.get("RKV_MUTATION_REPORTS")
+    if reports:  # before pytest-rkv reads its options
+        config.option.rkv_report_dir = os.path.join(reports, f"run-{os.getpid()}")
 _outcomes: dict[str, str] = {}
 
 

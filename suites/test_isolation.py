@@ -8,6 +8,7 @@ gives the suite no second identity is *untestable*.
 import pytest
 
 from pytest_rkv.contract import ClaimRequest, ClaimState, CompletionRequest, EventType
+from pytest_rkv.workload import ACTIVE_BLOCKS, RESIDENT_BLOCKS
 
 
 @pytest.mark.rkv_obligation("claim-isolation")
@@ -46,6 +47,12 @@ def test_another_tenant_cannot_read_release_see_or_reuse_a_claim(rkv):
     )
     touched = [e.type.value for e in my_events if e.seq > mark and e.claim_id == claim.claim_id]
     assert touched == [], f"tenant B's calls changed tenant A's claim: {touched}"
+    assert claim.tenant, "a runtime with tenancy must say whose a claim is (`tenant`)"
+    posing = other.claim(ClaimRequest(prompt_token_ids=rkv.tokens("tenant-b-posing", 2), tenant=claim.tenant))
+    rkv.record("tenant_b_claim_as_a", {"status": posing.status, "error": posing.error and posing.error.type})
+    assert (posing.status, posing.error and posing.error.type) == (403, "forbidden"), (
+        f"tenant B's claim naming tenant {claim.tenant!r} answered {posing.status} {posing.value or posing.error}"
+    )
 
 
 @pytest.mark.rkv_obligation("claim-isolation")
@@ -78,4 +85,77 @@ def test_one_tenant_cannot_exhaust_the_claim_budget_of_another(rkv):
     assert mine.ok and mine.unwrap().state == ClaimState.RESIDENT, (
         f"with tenant B at its budget, tenant A could not claim the remaining {budget - tenant_budget} blocks: "
         f"{mine.error}"
+    )
+    # The global budget is now full, though tenant A holds far less than its own: it binds.
+    past_global = rkv.claim("tenant-a-past-global", 1)
+    rkv.record("tenant_a_past_global", {"status": past_global.status,
+                                        "reason": past_global.error.reason if past_global.error else None})
+    assert not past_global.ok and past_global.status == 409 and past_global.error.type == "no_admit", (
+        f"with {budget} of {budget} blocks claimed between the tenants, tenant A's one more block was "
+        f"{past_global.status} {past_global.value or past_global.error}"
+    )
+    assert "global" in (past_global.error.reason or "").lower(), (
+        f"the no-admit does not say the global budget refused it: {past_global.error.reason!r}"
+    )
+
+
+@pytest.mark.rkv_obligation("claim-isolation")
+@pytest.mark.rkv_litmus("tenant_isolation")
+def test_another_tenant_s_hard_claim_refuses_my_request_counted_not_named(rkv):
+    """The canonical probe across tenants: A holds the 60-block hard claim, B's 70-block
+    request is refused, and B learns how many blocks another tenant holds, never which claim."""
+    other = rkv.driver.other_tenant()
+    claim = rkv.accepted("tenant-a-resident", RESIDENT_BLOCKS)
+    rid = rkv.request_id("tenant-b-active")
+    refused = other.complete(CompletionRequest(prompt=rkv.tokens("tenant-b-active", ACTIVE_BLOCKS),
+                                               max_tokens=1, request_id=rid))
+    their_events = other.events(0)
+    rkv.record("tenant_b_refusal", {"status": refused.status,
+                                    "error": refused.error.model_dump() if refused.error else None})
+    assert refused.status == 409 and refused.error and refused.error.type == "active_refusal", (
+        f"tenant B's {ACTIVE_BLOCKS}-block request against tenant A's {RESIDENT_BLOCKS}-block hard claim answered "
+        f"{refused.status} {refused.error or 'a completion'}"
+    )
+    error = refused.error
+    assert claim.claim_id not in error.blocking_claims and error.blocking_claims == [], (
+        f"tenant B's refusal names claims {error.blocking_claims}; the only blocker is tenant A's, which it may not see"
+    )
+    assert error.claimed_blocks == {"(another tenant)": RESIDENT_BLOCKS}, (
+        f"tenant B's refusal counts claimed blocks as {error.claimed_blocks}; expected "
+        f"{{'(another tenant)': {RESIDENT_BLOCKS}}}"
+    )
+    seen = {e.claim_id for e in their_events} | {c for e in their_events for c in e.blocking_claims}
+    assert claim.claim_id not in seen, "tenant B's events name tenant A's claim"
+    mine = rkv.driver.get_claim(claim.claim_id).unwrap()
+    assert mine.state == ClaimState.RESIDENT and mine.resident_blocks == RESIDENT_BLOCKS, (
+        f"after tenant B's refused request tenant A's claim is {mine.state.value}, "
+        f"{mine.resident_blocks} of {RESIDENT_BLOCKS} blocks resident"
+    )
+
+
+@pytest.mark.rkv_obligation("claim-isolation")
+@pytest.mark.rkv_litmus("tenant_isolation")
+def test_harm_across_tenants_names_no_foreign_request(rkv):
+    """Tenant B's request displaces tenant A's soft claim: A learns it was harmed, by
+    "(another tenant)", never by B's request id; B's trace shows neither A's claim nor
+    its block hashes."""
+    other = rkv.driver.other_tenant()
+    soft = rkv.accepted("tenant-a-soft", RESIDENT_BLOCKS, strength="soft")
+    mark = rkv.mark()
+    rid = rkv.request_id("tenant-b-displacing")
+    theirs = other.complete(CompletionRequest(prompt=rkv.tokens("tenant-b-displacing", ACTIVE_BLOCKS),
+                                              max_tokens=1, request_id=rid))
+    harmed = [e for e in rkv.events_since(mark) if e.type == EventType.CLAIM_HARMED]
+    their_events = other.events(0)
+    rkv.record("tenant_a_harm_events", [e.model_dump(mode="json", include={"claim_id", "request_id", "blocks"})
+                                        for e in harmed])
+    assert theirs.ok, f"a soft claim never blocks another tenant's request: {theirs.error}"
+    assert [(e.claim_id, e.request_id) for e in harmed] == [(soft.claim_id, "(another tenant)")], (
+        f"tenant A should see one harm of {soft.claim_id} by \"(another tenant)\", got "
+        f"{[(e.claim_id, e.request_id) for e in harmed]}"
+    )
+    my_hashes = {h for e in rkv.events_since(0) if e.claim_id == soft.claim_id for h in e.block_hashes}
+    seen = {e.claim_id for e in their_events} | {h for e in their_events for h in e.block_hashes}
+    assert soft.claim_id not in seen and not my_hashes & seen, (
+        "tenant B's events name tenant A's claim or its block hashes"
     )

@@ -99,6 +99,10 @@ FAULT_MODES: dict[str, str] = {
     "stored_count_off": "ordered-lifecycle: blocks.stored says one block more than the hashes it lists",
     "refusal_event_disagrees": "active-refusal: the request.refused event says one block more than the refusal did",
     "unlocated_invalid": "materialization-predicate: a malformed claim's 422 does not say which field is wrong",
+    "tenant_budget_only": "claim-isolation: only the tenant budgets are enforced; together the tenants may pass the global one",
+    "refusal_names_other_tenants": "claim-isolation: a refusal names another tenant's blocking claim",
+    "claims_for_other_tenants": "claim-isolation: a claim request naming another tenant is accepted as the caller's",
+    "harm_names_foreign_request": "claim-isolation: a harm event names the other tenant's request id",
 }
 # The faults that only change the contents of events, applied where events are emitted.
 _EVENT_CONTENT_FAULTS = frozenset({
@@ -259,7 +263,7 @@ class MicroRuntime:
 
     def _transition(self, claim: _Claim, type_: EventType, **fields) -> None:
         _, to_state = EVENT_TRANSITIONS[type_]
-        if fields.get("request_id") and self._foreign(claim.owner):
+        if fields.get("request_id") and self._foreign(claim.owner) and "harm_names_foreign_request" not in self.faults:
             fields["request_id"] = OTHER_TENANTS
         self._emit(type_, owner=claim.owner, claim_id=claim.claim_id, from_state=claim.state,
                    to_state=to_state, **fields)
@@ -482,6 +486,8 @@ class MicroRuntime:
         claimed = {c: len(self.pool.held_by(c)) for c in blockers}
         # Other tenants' claims are counted, never named.
         foreign = [c for c in blockers if self._foreign(self.claims[c].owner)]
+        if "refusal_names_other_tenants" in self.faults:
+            foreign = []
         if foreign:
             blockers = [c for c in blockers if c not in foreign]
             claimed = {c: n for c, n in claimed.items() if c not in foreign}
@@ -534,7 +540,7 @@ class MicroRuntime:
 
     def _create_claim(self, req: ClaimRequest) -> Claim:
         tenant = self._actor
-        if tenant is not None and req.tenant not in (None, tenant):
+        if tenant is not None and req.tenant not in (None, tenant) and "claims_for_other_tenants" not in self.faults:
             raise ApiError(403, ErrorBody(
                 type="forbidden", message=f"tenant {req.tenant!r} is not the tenant of this token",
             ))
@@ -553,6 +559,8 @@ class MicroRuntime:
         over_global = held + len(hashes) > self.claim_budget_blocks
         if "budget_off_by_one" in self.faults:
             over_global = held + len(hashes) >= self.claim_budget_blocks
+        if "tenant_budget_only" in self.faults and tenant is not None:
+            over_global = False
         if over_global:
             reason = (f"global claim budget: {held} of {self.claim_budget_blocks} blocks already claimed, "
                       f"{len(hashes)} more requested")
