@@ -6,6 +6,12 @@ reason `pytest --rkv-backend=X` would refuse to run, and the message names what 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
 import pytest
 
 from pytest_rkv.drivers.registry import driver_class, load_class
@@ -36,3 +42,36 @@ def require_driver_modules(backend: str) -> None:
         load_class(backend)
     except BackendUnavailable as exc:
         pytest.skip(str(exc), allow_module_level=True)
+
+
+def certified_run(report: Path, backends: Iterable[str], *extra: str, timeout: float = 1800
+                  ) -> subprocess.CompletedProcess:
+    """One certified run of the released suite into `report`, started as a vendor would
+    (its own process, so the run's servers, supervision and teardown are the real ones)."""
+    from tests.conftest import SUITES
+
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", str(SUITES), "--rkv-certify", f"--rkv-backend={','.join(backends)}",
+         "--rkv-report-dir", str(report), *extra, "-p", "no:cacheprovider", "-q"],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def processes_for(report: Path, *words: bytes) -> list[str]:
+    """Live processes started for one run, as "pid command line": their environment names
+    the run's report dir (every managed server inherits it), so servers of other sessions
+    on the machine never count. With `words`, only command lines holding one of them."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if str(report).encode() not in f.read():
+                    continue
+            with open(f"/proc/{pid}/cmdline", "rb") as c:
+                cmd = c.read()
+        except OSError:
+            continue
+        if not words or any(w in cmd for w in words):
+            line = cmd.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{pid} {line[:160]}")
+    return found

@@ -5,9 +5,6 @@ KV-routing-as-placement lowering is contradicted by the run, and nothing is left
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -15,39 +12,21 @@ from pytest_rkv.evidence import bundle_dir
 from pytest_rkv.verify import verify
 from pytest_rkv.checker import check_file
 from tests.conftest import SUITES
-from tests.runtimes import require_backend
+from tests.runtimes import certified_run, processes_for, require_backend
 
 pytestmark = require_backend("dynamo")
 
 REPO = SUITES.parent
 
 
-def _processes_of(report) -> list[str]:
-    """Live processes whose environment names this run's report dir (deployment and holder)."""
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if str(report).encode() in f.read():
-                    with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        found.append(c.read().replace(b"\0", b" ").decode(errors="replace")[:160])
-        except OSError:
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     report = tmp_path_factory.mktemp("dynamo-row")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(SUITES), "--rkv-certify", "--rkv-backend=dynamo",
-         "--rkv-report-dir", str(report), "--rkv-startup-timeout", "600", "-p", "no:cacheprovider", "-q"],
-        capture_output=True, text=True, timeout=1800,
-    )
+    proc = certified_run(report, ["dynamo"], "--rkv-startup-timeout", "600")
     row_path = bundle_dir(report, "dynamo") / "row.json"
     assert row_path.exists(), proc.stdout[-4000:] + proc.stderr[-2000:]
     return {"proc": proc, "report": report, "row": json.loads(row_path.read_text()),
-            "leftover": _processes_of(report)}
+            "leftover": processes_for(report)}
 
 
 def _lowering(row, probe):

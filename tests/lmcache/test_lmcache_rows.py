@@ -5,13 +5,10 @@ process left behind.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.runtimes import require_backend
+from tests.runtimes import certified_run, processes_for, require_backend
 
 pytestmark = require_backend("vllm+lmcache")
 
@@ -26,35 +23,13 @@ DESCRIPTORS = SUITES.parent / "backends" / "vllm-lmcache"
 BLOCK = 32
 
 
-def _run_processes(report) -> list[str]:
-    """vLLM and LMCache processes started for this run's report dir (their environment
-    names it), so servers of other sessions on the machine never count."""
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if str(report).encode() not in f.read():
-                    continue
-            with open(f"/proc/{pid}/cmdline", "rb") as c:
-                cmd = c.read()
-            if b"vllm" in cmd or b"lmcache" in cmd or b"VLLM" in cmd:
-                found.append(f"{pid} {cmd[:120]!r}")
-        except OSError:
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     report = tmp_path_factory.mktemp("lmcache-row")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(SUITES), "--rkv-certify", f"--rkv-backend={BACKEND}",
-         "--rkv-report-dir", str(report), "--rkv-startup-timeout", "900", "-p", "no:cacheprovider", "-q"],
-        capture_output=True, text=True, timeout=2400,
-    )
+    proc = certified_run(report, [BACKEND], "--rkv-startup-timeout", "900", timeout=2400)
     row_path = bundle_dir(report, BACKEND) / "row.json"
     row = json.loads(row_path.read_text()) if row_path.exists() else None
-    return {"proc": proc, "report": report, "row": row, "leftover": _run_processes(report)}
+    return {"proc": proc, "report": report, "row": row, "leftover": processes_for(report, b"vllm", b"lmcache", b"VLLM")}
 
 
 def _evidence(section: dict, name: str) -> dict:

@@ -88,3 +88,24 @@ def test_supervisor_takes_the_group_down_when_its_parent_is_killed(marker, tmp_p
         assert _gone(marker), "the helper survived its owner's kill -9"
     finally:
         parent.kill()
+
+
+def test_processes_for_finds_only_the_run_s_processes(tmp_path):
+    """The leftover check of the live-row tests: a process is the run's when its environment
+    names the run's report dir; a word filter narrows by command line."""
+
+    from tests.runtimes import processes_for
+
+    report = tmp_path / "report"
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             env={**os.environ, "RKV_TEST_REPORT": str(report)})
+    try:
+        mine = processes_for(report)
+        assert [line.split()[0] for line in mine] == [str(child.pid)]
+        assert processes_for(report, b"time.sleep") == mine
+        assert processes_for(report, b"no-such-word") == []
+        assert processes_for(tmp_path / "other") == []
+    finally:
+        child.kill()
+        child.wait()
+    assert processes_for(report) == []

@@ -6,50 +6,26 @@ bundles verify, and no server process survives.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.runtimes import require_backend
+from tests.runtimes import certified_run, processes_for, require_backend
 
 pytestmark = require_backend("vllm", "vllm+rkv")
 
 from pytest_rkv.evidence import bundle_dir  # noqa: E402
 from pytest_rkv.verify import verify  # noqa: E402
-from tests.conftest import SUITES  # noqa: E402
 
 BACKENDS = ("reference", "vllm", "vllm+rkv")
-
-
-def _vllm_processes(report) -> list[int]:
-    """vLLM processes started for this run's report dir (their environment names it), so
-    servers other sessions run on the same machine never count."""
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if str(report).encode() in f.read():
-                    with open(f"/proc/{pid}/cmdline", "rb") as c:
-                        if b"vllm" in c.read():
-                            found.append(int(pid))
-        except OSError:
-            continue
-    return found
 
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
     report = tmp_path_factory.mktemp("real-rows")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", str(SUITES), "--rkv-certify", f"--rkv-backend={','.join(BACKENDS)}",
-         "--rkv-report-dir", str(report), "-p", "no:cacheprovider", "-q"],
-        capture_output=True, text=True, timeout=1800,
-    )
+    proc = certified_run(report, BACKENDS)
     rows = {b: json.loads((bundle_dir(report, b) / "row.json").read_text())
             for b in BACKENDS if (bundle_dir(report, b) / "row.json").exists()}
-    return {"proc": proc, "report": report, "rows": rows, "leftover": _vllm_processes(report)}
+    return {"proc": proc, "report": report, "rows": rows, "leftover": processes_for(report, b"vllm")}
 
 
 def test_both_rows_come_from_one_run(session):
