@@ -213,6 +213,16 @@ class Event(_Model):
     block_hashes: list[str] = Field(default_factory=list)
 
 
+EVENT_PAGE_LIMIT = 1000  # most events one GET /v1/kv/events returns (its `limit` is 1..this)
+
+
+class ClaimList(_Model):
+    """`GET /v1/kv/claims`: the caller's claims, live and recently ended, each as
+    `GET /v1/kv/claims/{id}` shows it."""
+
+    claims: list[Claim]
+
+
 class EventPage(_Model):
     """`GET /v1/kv/events?after=SEQ&limit=N`: at most `limit` events with seq > after.
 

@@ -58,8 +58,9 @@ NAMES_REQUEST = frozenset({
     EventType.CLAIM_REUSED, EventType.CLAIM_RESTORED, EventType.CLAIM_RESTORE_FAILED,
     EventType.REQUEST_REFUSED, EventType.REQUEST_COMPLETED,
 })
+# The tier a claim is on after the event; a failed restore names the tier it failed from.
 TIER_OF = {EventType.CLAIM_MATERIALIZED: "device", EventType.CLAIM_RESTORED: "device",
-           EventType.CLAIM_DEMOTED: "host"}
+           EventType.CLAIM_DEMOTED: "host", EventType.CLAIM_RESTORE_FAILED: "host"}
 
 
 @dataclass
@@ -82,7 +83,7 @@ def content_problems(events: Iterable[Event], ledger: Ledger | None = None) -> l
         if e.block_hashes and e.blocks != len(e.block_hashes):
             problems.append(f"{where} says {e.blocks} blocks but lists {len(e.block_hashes)} block hashes")
         if e.type in TIER_OF and e.tier != TIER_OF[e.type]:
-            problems.append(f"{where} reports tier {e.tier!r}; the claim is then on the {TIER_OF[e.type]} tier")
+            problems.append(f"{where} reports tier {e.tier!r}; expected {TIER_OF[e.type]!r}")
         if e.type in NAMES_REQUEST and not e.request_id:
             problems.append(f"{where} names no request")
         if e.type == EventType.CLAIM_REFUSED and e.claim_id is not None:
@@ -95,7 +96,8 @@ def content_problems(events: Iterable[Event], ledger: Ledger | None = None) -> l
                             f"{claim_request[e.claim_id]!r}")
         granted = ledger.claims.get(e.claim_id or "")
         if granted is not None:
-            if e.type in (EventType.CLAIM_ACCEPTED, EventType.CLAIM_MATERIALIZED) and e.blocks != granted:
+            if e.type in (EventType.CLAIM_ACCEPTED, EventType.CLAIM_MATERIALIZED, EventType.CLAIM_RESTORED) \
+                    and e.blocks != granted:
                 problems.append(f"{where} says {e.blocks} blocks; the claim covers {granted}")
             if e.type == EventType.CLAIM_REUSED and not 1 <= e.blocks <= granted:
                 problems.append(f"{where} credits {e.blocks} blocks; the claim covers {granted}")

@@ -218,8 +218,9 @@ class Probe:
     def stays_ended(self, claim: Claim, tag: str, blocks: int, state: str) -> None:
         """An ended claim stays ended: its prefix sent again (twice, so the second is
         served from cache even if the first had to recompute it) credits it no reuse and
-        gives it no event, it still reports `state`, and a new claim on the same prefix
-        gets a new id (ids are never issued twice)."""
+        gives it no event, nor does pressure that evicts those blocks again; it still
+        reports `state`, and a new claim on the same prefix gets a new id (ids are never
+        issued twice)."""
         issued = {e.claim_id for e in self.events_since(0) if e.claim_id}
         mark = self.mark()
         credited = []
@@ -227,6 +228,8 @@ class Probe:
             rid, again = self.reuse_query(tag, blocks)
             record = again.unwrap().rkv
             credited += [r for r in (record.reuse if record else []) if r.claim_id == claim.claim_id]
+        # then pressure that takes nearly the whole pool, its prefix's blocks included
+        self.run(f"{tag}-pressure", self.info.total_blocks - 5)
         later = [e.type.value for e in self.events_since(mark) if e.claim_id == claim.claim_id]
         now = self.driver.get_claim(claim.claim_id).unwrap()
         fresh = self.claim(tag, blocks).unwrap()

@@ -17,7 +17,7 @@ def test_each_claim_has_its_own_identity(rkv):
     assert a.claim_id != b.claim_id, f"two claims share the identifier {a.claim_id!r}"
     assert rkv.driver.get_claim(a.claim_id).unwrap().claim_id == a.claim_id
 
-    rid, reply = rkv.reuse_query("identity-a", 10)
+    rid, reply = rkv.reuse_query("identity-a", 10, claim_id=a.claim_id)  # naming the claim it reuses
     record = reply.unwrap().rkv
     assert record is not None, "the completion carries no claim record"
     assert [r.claim_id for r in record.reuse] == [a.claim_id], (
@@ -31,7 +31,9 @@ def test_each_claim_has_its_own_identity(rkv):
     assert sorted(accepted) == sorted([a.claim_id, b.claim_id]), f"acceptance events: {accepted}"
 
     unknown = f"{a.claim_id}-never-issued"
-    for what, reply in (("GET", rkv.driver.get_claim(unknown)), ("DELETE", rkv.driver.release(unknown))):
+    _, naming = rkv.run("identity-b", 10, extra_tokens=1, claim_id=unknown, label="naming-unknown")
+    for what, reply in (("GET", rkv.driver.get_claim(unknown)), ("DELETE", rkv.driver.release(unknown)),
+                        ("a completion naming", naming)):
         assert (reply.status, reply.error and reply.error.type) == (404, "not_found"), (
             f"{what} of the never-issued claim id {unknown!r} answered {reply.status} {reply.error or reply.value}"
         )
@@ -84,6 +86,22 @@ def test_claim_covers_exactly_its_full_blocks(rkv):
     assert any(isinstance(loc, list) and "prompt_token_ids" in loc for loc in named), (
         f"a 422 must say which field is wrong (fields[].loc naming prompt_token_ids); fields = {too_short.error.fields}"
     )
+
+
+@pytest.mark.rkv_obligation("materialization-predicate")
+@pytest.mark.rkv_litmus("accepted_hard_claims")
+def test_claim_on_a_cached_prefix_needs_no_more_room_than_the_pool_has(rkv):
+    """60 blocks computed by a plain request, then a claim on exactly them: the pool holds
+    them already (and 20 free blocks beside), so the claim is admitted whole."""
+    rkv.run("cached-first", RESIDENT_BLOCKS)
+    reply = rkv.claim("cached-first", RESIDENT_BLOCKS)
+    rkv.record("claim_on_cached_prefix", {"admitted": reply.ok, "state": reply.value and reply.value.state.value})
+    assert reply.ok, f"a claim on a prefix the pool already holds was refused: {reply.status} {reply.error}"
+    claim = reply.value
+    assert (claim.state, claim.resident_blocks) == (ClaimState.RESIDENT, RESIDENT_BLOCKS), (
+        f"the claim on the cached prefix reports {claim.state.value} with {claim.resident_blocks} blocks"
+    )
+    rkv.pool_adds_up("a claim over a cached prefix")
 
 
 @pytest.mark.rkv_obligation("ordered-lifecycle")
@@ -140,6 +158,44 @@ def test_event_pages_hold_exactly_the_events_after_the_cursor(rkv):
         assert got == [s for s in seqs if s > after], f"?after={after} served {got}"
 
 
+@pytest.mark.rkv_obligation("ordered-lifecycle")
+@pytest.mark.rkv_litmus("accepted_hard_claims")
+def test_event_pages_keep_to_their_limit(rkv):
+    """Paging with a small `limit`: full pages say `more`, the last one does not, each
+    page's `last_seq` is the cursor for the next, and together they are the whole trace."""
+    rkv.accepted("limit-a", 10)
+    rkv.reuse_query("limit-a", 10)
+    rkv.run("limit-plain", 5)
+    trace = [e.seq for e in rkv.driver.events()]
+    limit = 3
+    pages, after = [], 0
+    while len(pages) <= len(trace):
+        page = rkv.driver.event_page(after, limit)
+        pages.append((after, page))
+        if not page.more or page.last_seq <= after:
+            break
+        after = page.last_seq
+    served = [e.seq for _, p in pages for e in p.events]
+    shape = [(a, [e.seq for e in p.events], p.last_seq, p.more) for a, p in pages]
+    rkv.record("pages", shape)
+    assert len(trace) > limit, f"the steps left {len(trace)} events, too few to page"
+    assert served == trace, f"pages of {limit} (after, seqs, last_seq, more) {shape} do not add up to the trace {trace}"
+    for a, p in pages:
+        full = p is not pages[-1][1]
+        seqs = [e.seq for e in p.events]
+        assert len(seqs) == limit if full else len(seqs) <= limit, f"?after={a}&limit={limit} served {seqs}"
+        assert p.more == full, f"?after={a}&limit={limit} served {seqs} with more={p.more}"
+        assert p.last_seq == (seqs[-1] if seqs else a), f"?after={a}&limit={limit} served {seqs}, last_seq {p.last_seq}"
+        assert 1 <= p.oldest_seq <= trace[0], (
+            f"?after={a} says the oldest event held is {p.oldest_seq}, but it served seq {trace[0]}"
+        )
+    tail = rkv.driver.event_page(trace[-1], limit)
+    assert (tail.events, tail.more, tail.last_seq) == ([], False, trace[-1]), (
+        f"past the last event (?after={trace[-1]}) the page is {[e.seq for e in tail.events]}, "
+        f"more={tail.more}, last_seq={tail.last_seq}"
+    )
+
+
 @pytest.mark.rkv_obligation("release")
 @pytest.mark.rkv_litmus("accepted_hard_claims")
 def test_release_ends_protection_at_once(rkv):
@@ -156,6 +212,21 @@ def test_release_ends_protection_at_once(rkv):
     assert active.ok, f"the released claim still blocks a {ACTIVE_BLOCKS}-block request: {active.error}"
     assert rkv.driver.get_claim(claim.claim_id).unwrap().state == ClaimState.RELEASED
     rkv.stays_ended(claim, "released", RESIDENT_BLOCKS, "released")
+
+
+@pytest.mark.rkv_obligation("release")
+@pytest.mark.rkv_litmus("accepted_hard_claims")
+def test_released_soft_claim_is_never_harmed(rkv):
+    """A released soft claim stays released: the pressure that takes its former blocks
+    harms nothing, and gives it no event."""
+    soft = rkv.accepted("released-soft", RESIDENT_BLOCKS, strength="soft")
+    rkv.driver.release(soft.claim_id).unwrap()
+    mark = rkv.mark()
+    rid, active = rkv.run("active", ACTIVE_BLOCKS)
+    later = [e.type.value for e in rkv.events_since(mark) if e.claim_id == soft.claim_id]
+    assert active.ok, f"a released soft claim blocked a {ACTIVE_BLOCKS}-block request: {active.error}"
+    assert later == [], f"the released soft claim got events when {rid} took its blocks: {later}"
+    assert rkv.driver.get_claim(soft.claim_id).unwrap().state == ClaimState.RELEASED
 
 
 @pytest.mark.rkv_obligation("expiry")

@@ -47,6 +47,9 @@ def test_another_tenant_cannot_read_release_see_or_reuse_a_claim(rkv):
     )
     touched = [e.type.value for e in my_events if e.seq > mark and e.claim_id == claim.claim_id]
     assert touched == [], f"tenant B's calls changed tenant A's claim: {touched}"
+    my_list, their_list = rkv.driver.list_claims(), other.list_claims()
+    assert my_list == [mine], f"tenant A lists {my_list}; it holds exactly {mine}"
+    assert claim.claim_id not in [c.claim_id for c in their_list], "tenant B's GET /v1/kv/claims lists tenant A's claim"
     assert claim.tenant, "a runtime with tenancy must say whose a claim is (`tenant`)"
     posing = other.claim(ClaimRequest(prompt_token_ids=rkv.tokens("tenant-b-posing", 2), tenant=claim.tenant))
     rkv.record("tenant_b_claim_as_a", {"status": posing.status, "error": posing.error and posing.error.type})
@@ -140,6 +143,9 @@ def test_harm_across_tenants_names_no_foreign_request(rkv):
     "(another tenant)", never by B's request id; B's trace shows neither A's claim nor
     its block hashes."""
     other = rkv.driver.other_tenant()
+    start = rkv.mark()
+    rkv.run("tenant-a-cache", 5)  # unclaimed cache of tenant A's, evicted first
+    cached = {h for e in rkv.events_since(start) if e.type == EventType.BLOCKS_STORED for h in e.block_hashes}
     soft = rkv.accepted("tenant-a-soft", RESIDENT_BLOCKS, strength="soft")
     mark = rkv.mark()
     rid = rkv.request_id("tenant-b-displacing")
@@ -153,6 +159,14 @@ def test_harm_across_tenants_names_no_foreign_request(rkv):
     assert [(e.claim_id, e.request_id) for e in harmed] == [(soft.claim_id, "(another tenant)")], (
         f"tenant A should see one harm of {soft.claim_id} by \"(another tenant)\", got "
         f"{[(e.claim_id, e.request_id) for e in harmed]}"
+    )
+    mine_after = rkv.events_since(mark)
+    evicted = {h for e in mine_after if e.type == EventType.BLOCKS_EVICTED for h in e.block_hashes}
+    named = sorted({e.request_id for e in mine_after if e.request_id} - {"(another tenant)"})
+    assert named == [], f"tenant A's events name tenant B's request(s) {named}"
+    assert cached <= evicted, (
+        f"tenant A saw {len(cached)} of its blocks stored, but only {len(cached & evicted)} of them evicted "
+        f"when tenant B's {ACTIVE_BLOCKS}-block request needed the pool"
     )
     my_hashes = {h for e in rkv.events_since(0) if e.claim_id == soft.claim_id for h in e.block_hashes}
     seen = {e.claim_id for e in their_events} | {h for e in their_events for h in e.block_hashes}

@@ -36,6 +36,10 @@ def test_reuse_names_the_claim_and_its_tokens(rkv):
     assert [(e.claim_id, e.request_id, e.blocks) for e in events if e.type == EventType.CLAIM_REUSED] == [
         (claim.claim_id, rid, 30), (claim.claim_id, full_rid, served)]
     assert done.usage.prompt_tokens_details.cached_tokens == 30 * rkv.block_size
+    usage = (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens)
+    assert usage == (30 * rkv.block_size + 1, 1, 30 * rkv.block_size + 2), (
+        f"usage (prompt, completion, total) {usage} for a {30 * rkv.block_size + 1}-token prompt and one token out"
+    )
     assert done.rkv.request_id == rid, f"the completion's record names request {done.rkv.request_id!r}, not {rid!r}"
     other = unrelated.unwrap().rkv
     assert other is not None and other.reuse == [], "a request that shares nothing was attributed reuse"

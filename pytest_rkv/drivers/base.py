@@ -25,6 +25,7 @@ from pytest_rkv.contract import (
     Depth,
     ErrorBody,
     Event,
+    EventPage,
     FaultRequest,
     PoolState,
     RuntimeInfo,
@@ -153,8 +154,16 @@ class Driver(ABC):
     def release(self, claim_id: str) -> Reply[Claim]:
         raise Unsupported(f"{self.name} has no claim API")
 
+    def list_claims(self) -> list[Claim]:
+        """`GET /v1/kv/claims`: every claim the caller may see."""
+        raise Unsupported(f"{self.name} has no claim API")
+
     def events(self, after: int = 0) -> list[Event]:
         """Claim lifecycle and request events with seq > after, in seq order as served."""
+        raise Unsupported(f"{self.name} publishes no claim lifecycle events")
+
+    def event_page(self, after: int, limit: int) -> EventPage:
+        """One page of at most `limit` events with seq > after, as the runtime serves it."""
         raise Unsupported(f"{self.name} publishes no claim lifecycle events")
 
     def pool(self) -> PoolState:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from pytest_rkv.contract import (
     Claim,
+    ClaimList,
     ClaimRequest,
     Completion,
     CompletionRequest,
@@ -154,6 +155,12 @@ class RkvHttpDriver(Driver):
     def complete(self, req: CompletionRequest) -> Reply[Completion]:
         return self._call("POST", "/v1/completions", Completion, req,
                           answer_wait=self.settings.refusal_timeout)
+
+    def list_claims(self) -> list[Claim]:
+        return self._get("/v1/kv/claims", ClaimList).claims
+
+    def event_page(self, after: int, limit: int) -> EventPage:
+        return self._get("/v1/kv/events", EventPage, after=after, limit=limit)
 
     def events(self, after: int = 0) -> list[Event]:
         found: list[Event] = []

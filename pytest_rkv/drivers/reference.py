@@ -16,6 +16,7 @@ from pytest_rkv.contract import (
     Completion,
     CompletionRequest,
     Event,
+    EventPage,
     FaultRequest,
     PoolState,
     RuntimeInfo,
@@ -83,6 +84,15 @@ class ReferenceDriver(Driver):
 
     def complete(self, req: CompletionRequest) -> Reply[Completion]:
         return self._reply(self.runtime.complete, req, self.tenant)
+
+    def list_claims(self) -> list[Claim]:
+        return self.runtime.list_claims(tenant=self.tenant)
+
+    def event_page(self, after: int, limit: int) -> EventPage:
+        try:
+            return self.runtime.events(after, limit, tenant=self.tenant)
+        except ValueError as exc:
+            raise HarnessError(str(exc)) from None
 
     def events(self, after: int = 0) -> list[Event]:
         found: list[Event] = []

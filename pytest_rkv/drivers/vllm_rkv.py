@@ -39,6 +39,7 @@ from pytest_rkv.contract import (
     CompletionRequest,
     Depth,
     Event,
+    EventPage,
     FaultRequest,
     PoolState,
     RuntimeInfo,
@@ -190,8 +191,14 @@ class VllmRkvDriver(VllmDriver):
     def release(self, claim_id: str) -> Reply[Claim]:
         return self._rkv().release(claim_id)
 
+    def list_claims(self) -> list[Claim]:
+        return self._rkv().list_claims()
+
     def events(self, after: int = 0) -> list[Event]:
         return self._rkv().events(after)
+
+    def event_page(self, after: int, limit: int) -> EventPage:
+        return self._rkv().event_page(after, limit)
 
     def pool(self) -> PoolState:
         return self._rkv().pool()

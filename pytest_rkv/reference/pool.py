@@ -161,8 +161,9 @@ class BlockPool:
             if claim_id in b.hard_holders or claim_id in b.soft_holders
         ]
 
-    def drop_claim_blocks(self, claim_id: str) -> list[str]:
-        """Demotion: unpin a claim and drop its blocks from the device; return hashes."""
+    def drop_claim_blocks(self, claim_id: str, keep: set[int] = frozenset()) -> list[str]:
+        """Demotion: unpin a claim and drop its blocks from the device, except those in
+        `keep` (a running request is about to reuse them); return the dropped hashes."""
         ids = self.held_by(claim_id)
         self.unpin(claim_id)
-        return [self.evict(b) for b in ids if self.blocks[b].evictable]
+        return [self.evict(b) for b in ids if b not in keep and self.blocks[b].evictable]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pytest_rkv.contract import (
+    EVENT_PAGE_LIMIT,
     EVENT_TRANSITIONS,
     TERMINAL_STATES,
     Claim,
@@ -103,6 +104,11 @@ FAULT_MODES: dict[str, str] = {
     "refusal_names_other_tenants": "claim-isolation: a refusal names another tenant's blocking claim",
     "claims_for_other_tenants": "claim-isolation: a claim request naming another tenant is accepted as the caller's",
     "harm_names_foreign_request": "claim-isolation: a harm event names the other tenant's request id",
+    "eviction_names_foreign_request": "claim-isolation: a blocks.evicted event names the other tenant's request id",
+    "lists_other_tenants": "claim-isolation: GET /v1/kv/claims lists every tenant's claims",
+    "pages_ignore_limit": "ordered-lifecycle: GET /v1/kv/events serves every event whatever its limit",
+    "demotion_drops_soft_silently": "soft-harm: a demotion drops the blocks a soft claim shares with no harm event",
+    "usage_miscounts": "reuse-attribution: usage.total_tokens leaves out the completion tokens",
 }
 # The faults that only change the contents of events, applied where events are emitted.
 _EVENT_CONTENT_FAULTS = frozenset({
@@ -112,7 +118,6 @@ _EVENT_CONTENT_FAULTS = frozenset({
 
 EVERYONE = "*"  # owner of events every tenant sees (a reset)
 OTHER_TENANTS = "(another tenant)"  # what a tenant sees in place of another's ids
-EVENT_PAGE_LIMIT = 1000  # most events one GET /v1/kv/events returns
 
 
 class Parked(Exception):
@@ -378,7 +383,8 @@ class MicroRuntime:
                 for b in self.pool.blocks
                 if b.hard_holders and b.ref == 0 and b.block_id not in keep
             ]
-        plan = {"unclaimed": [], "demote": [], "soft": []}
+        # `keep`: the blocks the caller reuses; a demotion leaves them on the device
+        plan = {"unclaimed": [], "demote": [], "soft": [], "keep": keep}
         room = free
         for b in unclaimed:
             if room >= needed:
@@ -389,22 +395,30 @@ class MicroRuntime:
             host_used = sum(len(c.host_hashes) for c in self._live())
             demoting: set[str] = set()
             freed: set[int] = set()
-            for claim in self._live():
-                if room >= needed:
-                    break
-                if not (claim.demotable and claim.tier == "device" and claim.state == ClaimState.RESIDENT):
-                    continue
-                if host_used + len(claim.hashes) > self.host_blocks:
-                    continue
-                # Only blocks that demoting frees count: a block another (non-demoted) hard
-                # claim also pins, or a running request uses, stays where it is.
-                gain = self._freed_by_demoting(claim.claim_id, demoting | {claim.claim_id}, keep) - freed
-                if gain:
-                    demoting.add(claim.claim_id)
-                    freed |= gain
-                    plan["demote"].append(claim)
-                    host_used += len(claim.hashes)
-                    room += len(gain)
+            # Until nothing more can be gained: a block two demotable claims share is freed
+            # only once both are demoted, so a claim that frees nothing alone may free
+            # blocks beside one chosen after it.
+            progress = True
+            while progress and room < needed:
+                progress = False
+                for claim in self._live():
+                    if room >= needed:
+                        break
+                    if claim.claim_id in demoting or not (
+                            claim.demotable and claim.tier == "device" and claim.state == ClaimState.RESIDENT):
+                        continue
+                    if host_used + len(claim.hashes) > self.host_blocks:
+                        continue
+                    # Only blocks that demoting frees count: a block another (non-demoted)
+                    # hard claim also pins, or a running request uses, stays where it is.
+                    gain = self._freed_by_demoting(claim.claim_id, demoting | {claim.claim_id}, keep) - freed
+                    if gain:
+                        demoting.add(claim.claim_id)
+                        freed |= gain
+                        plan["demote"].append(claim)
+                        host_used += len(claim.hashes)
+                        room += len(gain)
+                        progress = True
         for b in soft:
             if room >= needed:
                 break
@@ -437,10 +451,12 @@ class MicroRuntime:
             claim.host_hashes = list(claim.hashes)
             for b in self.pool.held_by(claim.claim_id):  # soft claims sharing a dropped block
                 block = self.pool.blocks[b]
-                if block.hard_holders <= {claim.claim_id} and block.ref == 0:
+                if "demotion_drops_soft_silently" in self.faults:
+                    continue
+                if block.hard_holders <= {claim.claim_id} and block.ref == 0 and b not in plan["keep"]:
                     for holder in block.soft_holders - {claim.claim_id}:
                         harmed.setdefault(holder, []).append(block.hash)
-            dropped = self.pool.drop_claim_blocks(claim.claim_id)
+            dropped = self.pool.drop_claim_blocks(claim.claim_id, keep=plan["keep"])
             for h in dropped:
                 self._hash_owner.pop(h, None)
             claim.tier = "host"
@@ -475,6 +491,8 @@ class MicroRuntime:
             by_owner.setdefault(self._hash_owner.pop(h, None), []).append(h)
         for owner, group in by_owner.items():
             rid = OTHER_TENANTS if self._foreign(owner) else request_id
+            if "eviction_names_foreign_request" in self.faults:
+                rid = request_id
             self._emit(EventType.BLOCKS_EVICTED, owner=owner, request_id=rid, blocks=len(group), block_hashes=group)
 
     def _refusal(self, needed: int, keep: set[int], request_id: str) -> ApiError:
@@ -650,8 +668,9 @@ class MicroRuntime:
         return self._claim_view(claim)
 
     def list_claims(self, tenant: str | None = None) -> list[Claim]:
+        shown = None if "lists_other_tenants" in self.faults else tenant
         return self._op(tenant, lambda: [self._claim_view(c) for c in self.claims.values()
-                                         if self._visible(c.owner, tenant)])
+                                         if self._visible(c.owner, shown)])
 
     def events(self, after: int = 0, limit: int = EVENT_PAGE_LIMIT, tenant: str | None = None) -> EventPage:
         """One page of the events `tenant` may see, with seq > `after` (see EventPage)."""
@@ -665,6 +684,8 @@ class MicroRuntime:
         more = False
         if "events_ignore_after" in self.faults:
             after = 0
+        if "pages_ignore_limit" in self.faults:
+            limit = len(self._events) + 1
         for owner, event in self._events:
             skip = event.seq < after if "events_include_after" in self.faults else event.seq <= after
             if skip or not self._visible(owner, tenant):
@@ -753,7 +774,7 @@ class MicroRuntime:
 
         # Restore (or fail to restore) demoted claims, longest first; a restored claim's
         # blocks count as served from cache, a failed one's are recomputed.
-        restored: set[str] = set()
+        restored: list[str] = []  # in restore order (a set would iterate in a per-process order)
         failures: list[ClaimFailure] = []
         for claim in sorted(restoring, key=lambda c: -len(c.hashes)):
             failed = self._take_fault("fail_next_restore", claim.claim_id)
@@ -764,7 +785,7 @@ class MicroRuntime:
                                  request_id=request_id, tier="host")
                 failures.append(ClaimFailure(claim_id=claim.claim_id, reason=claim.reason))
             else:
-                restored.add(claim.claim_id)
+                restored.append(claim.claim_id)
 
         self.pool.touch(hit)
         new = self.pool.allocate(needed - len(hit))
@@ -826,7 +847,7 @@ class MicroRuntime:
             usage=Usage(
                 prompt_tokens=len(prompt),
                 completion_tokens=req.max_tokens,
-                total_tokens=len(prompt) + req.max_tokens,
+                total_tokens=len(prompt) + (0 if "usage_miscounts" in self.faults else req.max_tokens),
                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
             ),
             rkv=RkvCompletionRecord(request_id=request_id, reuse=reuse, failures=failures),

@@ -49,6 +49,7 @@ from pytest_rkv.contract import (
     API_REVISION,
     API_VERSION,
     Claim,
+    ClaimList,
     ClaimRequest,
     Completion,
     CompletionRequest,
@@ -68,6 +69,7 @@ log = logging.getLogger("rkv.server")
 ROUTES: list[tuple[str, str, type[BaseModel] | None, type[BaseModel] | None, str]] = [
     ("GET", "/v1/kv/info", None, RuntimeInfo, "Who answers, its pool geometry and optional features."),
     ("POST", "/v1/kv/claims", ClaimRequest, Claim, "Ask for a resident claim on a prompt prefix."),
+    ("GET", "/v1/kv/claims", None, ClaimList, "The caller's claims, live and recently ended."),
     ("GET", "/v1/kv/claims/{claim_id}", None, Claim, "One claim's current state (404 for another tenant's)."),
     ("DELETE", "/v1/kv/claims/{claim_id}", None, Claim, "Release a claim (404 for another tenant's)."),
     ("GET", "/v1/kv/events", None, EventPage, "Events with seq > `after` the caller may see, in seq order, one page."),

@@ -273,7 +273,7 @@ def test_a_dropped_test_is_refused(genuine, tmp_path):
     seal(bundle)
     failed = _failed(bundle)
     assert "obligation release was not executed" in failed["complete"]
-    assert "test test_claims.py::test_release_ends_protection_at_once is missing" in failed["complete"]
+    assert "test test_claims.py::test_released_soft_claim_is_never_harmed is missing" in failed["complete"]
 
 
 def test_a_changed_file_or_hash_or_an_extra_file_is_refused(genuine, tmp_path):

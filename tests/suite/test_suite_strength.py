@@ -66,7 +66,7 @@ def test_event_contents_are_held_to_the_trace_and_to_what_the_test_did():
         return content_problems(events, ledger)
 
     assert problems(2, blocks=3) == ["seq 2: blocks.stored says 3 blocks but lists 2 block hashes"]
-    assert problems(3, tier="host") == ["seq 3: claim.materialized of c reports tier 'host'; the claim is then on the device tier"]
+    assert problems(3, tier="host") == ["seq 3: claim.materialized of c reports tier 'host'; expected 'device'"]
     assert problems(4, request_id=None) == ["seq 4: claim.reused of c names no request"]
     assert problems(3, request_id="other") == [
         "seq 3: claim.materialized of c names request 'other', the claim's own request was 'cr'"]

@@ -358,3 +358,17 @@ def test_driver_adds_the_plugin_to_the_vllm_allowlist():
     args = adapter_server_args()
     assert args[:2] == ("--scheduler-cls", "pytest_rkv.adapters.vllm.scheduler.RkvScheduler")
     assert endpoint_plugin_problem() is None, "the rkv endpoint plugin entry point is not installed"
+
+
+def test_event_pages_keep_to_their_limit(engine):
+    engine.claim("paged", 3)
+    engine.claim("paged-too", 3)
+    trace = [e["seq"] for e in engine.events()]
+    assert len(trace) >= 3, trace
+    first = engine.call("events", after=0, limit=2)["body"]
+    rest = engine.call("events", after=first["last_seq"], limit=1000)["body"]
+    empty = engine.call("events", after=trace[-1], limit=2)["body"]
+    assert [e["seq"] for e in first["events"]] == trace[:2] and first["more"] is True
+    assert [e["seq"] for e in rest["events"]] == trace[2:] and rest["more"] is False
+    assert first["oldest_seq"] == trace[0] and rest["last_seq"] == trace[-1]
+    assert (empty["events"], empty["more"], empty["last_seq"]) == ([], False, trace[-1])

@@ -27,7 +27,7 @@ from pytest_rkv.adapters.vllm import ADAPTER_VERSION
 from pytest_rkv.adapters.vllm.admission import GROUP, Admission, Record, reply
 from pytest_rkv.adapters.vllm.book import Claim, ClaimBook, hash_hex
 from pytest_rkv.adapters.vllm.config import AdapterConfig
-from pytest_rkv.contract import TERMINAL_STATES, ClaimState, EventType, RuntimeInfo
+from pytest_rkv.contract import EVENT_PAGE_LIMIT, TERMINAL_STATES, ClaimState, EventType, RuntimeInfo
 
 DEMOTION_UNSUPPORTED = "vLLM's KV offload worker needs CUDA or XPU; this adapter has no host tier"
 
@@ -170,7 +170,7 @@ class ClaimApi:
         return reply(200, book.view(claim))
 
     def op_events(self, payload: dict, engine: Any) -> dict:
-        return reply(200, self.book.page(int(payload.get("after", 0))))
+        return reply(200, self.book.page(int(payload.get("after", 0)), int(payload.get("limit", EVENT_PAGE_LIMIT))))
 
     def op_pool(self, payload: dict, engine: Any) -> dict:
         return reply(200, self.book.pool_state(self.usable_blocks, self.budget))

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_rkv.contract import (
+    EVENT_PAGE_LIMIT,
     EVENT_TRANSITIONS,
     TERMINAL_STATES,
     Claim as ClaimModel,
@@ -137,11 +138,16 @@ class ClaimBook:
             self.unindex(claim)
             self.live.pop(claim.claim_id, None)
 
-    def page(self, after: int) -> dict:
-        """`GET /v1/kv/events?after=` (seqs are contiguous, so the start is arithmetic)."""
+    def page(self, after: int, limit: int = EVENT_PAGE_LIMIT) -> dict:
+        """`GET /v1/kv/events?after=&limit=`: at most `limit` events with seq > after, and
+        whether more wait (seqs are contiguous, so the start is arithmetic)."""
         events = self.events
-        page = [_public(e) for e in events[max(0, after + 1 - events[0]["seq"]):]] if events else []
-        return {"events": page, "last_seq": self.next_seq - 1}
+        start = max(0, after + 1 - events[0]["seq"]) if events else 0
+        chosen = events[start:start + limit]
+        return {"events": [_public(e) for e in chosen],
+                "last_seq": chosen[-1]["seq"] if chosen else after,
+                "more": start + limit < len(events),
+                "oldest_seq": events[0]["seq"] if events else 0}
 
     # -- pins --------------------------------------------------------------------------
     def pin(self, claim: Claim, blocks: Sequence) -> None:

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ValidationError
 
 from pytest_rkv.adapters.vllm import ENGINE_METHOD, PLUGIN_NAME, chat, streaming
 from pytest_rkv.adapters.vllm.config import AdapterConfig
-from pytest_rkv.contract import ClaimRequest, FaultRequest
+from pytest_rkv.contract import EVENT_PAGE_LIMIT, ClaimRequest, FaultRequest
 
 
 def _error(status: int, type_: str, message: str, **extra: Any) -> dict:
@@ -123,12 +123,17 @@ def build_router() -> APIRouter:
 
     @router.get("/v1/kv/events")
     async def kv_events(raw: Request):
-        try:
-            after = int(raw.query_params.get("after", "0"))
-        except ValueError:
-            return _respond(_error(422, "invalid_request", "after: must be an integer",
-                                   fields=[{"loc": ["query", "after"], "msg": "must be an integer"}]))
-        return _respond(await _bridge(raw).call("events", {"after": after}))
+        query = {}
+        for name, default, least, most in (("after", 0, 0, None), ("limit", EVENT_PAGE_LIMIT, 1, EVENT_PAGE_LIMIT)):
+            try:
+                query[name] = int(raw.query_params.get(name, str(default)))
+            except ValueError:
+                query[name] = None
+            if query[name] is None or query[name] < least or (most is not None and query[name] > most):
+                bounds = f"an integer >= {least}" + (f" and <= {most}" if most is not None else "")
+                return _respond(_error(422, "invalid_request", f"{name}: must be {bounds}",
+                                       fields=[{"loc": ["query", name], "msg": f"must be {bounds}"}]))
+        return _respond(await _bridge(raw).call("events", query))
 
     @router.get("/v1/kv/pool")
     async def kv_pool(raw: Request):
