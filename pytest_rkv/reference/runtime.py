@@ -109,6 +109,11 @@ FAULT_MODES: dict[str, str] = {
     "pages_ignore_limit": "ordered-lifecycle: GET /v1/kv/events serves every event whatever its limit",
     "demotion_drops_soft_silently": "soft-harm: a demotion drops the blocks a soft claim shares with no harm event",
     "usage_miscounts": "reuse-attribution: usage.total_tokens leaves out the completion tokens",
+    "demote_each_claim_once": "demotion-restore: each demotable claim is tried once, so two sharing a prefix are never both demoted",
+    "demotion_frees_reused_blocks": "demotion-restore: a demotion also frees the blocks the demoting request reuses",
+    "demoted_claims_reused": "demotion-restore: a demoted claim is credited with reuse of a prefix another claim served",
+    "demotion_or_harm_not_both": "demotion-restore: a request that needs a demotion and a soft claim's blocks is refused",
+    "claims_recompute_cached_prefix": "materialization-predicate: a claim needs fresh room for a prefix the pool already holds",
 }
 # The faults that only change the contents of events, applied where events are emitted.
 _EVENT_CONTENT_FAULTS = frozenset({
@@ -419,6 +424,10 @@ class MicroRuntime:
                         host_used += len(claim.hashes)
                         room += len(gain)
                         progress = True
+                if "demote_each_claim_once" in self.faults:
+                    break
+        if plan["demote"] and "demotion_or_harm_not_both" in self.faults:
+            return None
         for b in soft:
             if room >= needed:
                 break
@@ -447,16 +456,19 @@ class MicroRuntime:
                     evicted.append(self.pool.evict(b))
         self._evicted_events(evicted, request_id)
         harmed: dict[str, list[str]] = {}
+        keep = plan["keep"]
+        if "demotion_frees_reused_blocks" in self.faults:
+            keep = set()
         for claim in plan["demote"]:
             claim.host_hashes = list(claim.hashes)
             for b in self.pool.held_by(claim.claim_id):  # soft claims sharing a dropped block
                 block = self.pool.blocks[b]
                 if "demotion_drops_soft_silently" in self.faults:
                     continue
-                if block.hard_holders <= {claim.claim_id} and block.ref == 0 and b not in plan["keep"]:
+                if block.hard_holders <= {claim.claim_id} and block.ref == 0 and b not in keep:
                     for holder in block.soft_holders - {claim.claim_id}:
                         harmed.setdefault(holder, []).append(block.hash)
-            dropped = self.pool.drop_claim_blocks(claim.claim_id, keep=plan["keep"])
+            dropped = self.pool.drop_claim_blocks(claim.claim_id, keep=keep)
             for h in dropped:
                 self._hash_owner.pop(h, None)
             claim.tier = "host"
@@ -594,7 +606,10 @@ class MicroRuntime:
         if reason and "half_admit" in self.faults and room > 0:
             hashes, reason = hashes[:room], None
         cached = self.pool.lookup(hashes)
-        plan = None if reason else self._plan_room(len(hashes) - len(cached), keep=set(cached))
+        fresh = len(hashes) - len(cached)
+        if "claims_recompute_cached_prefix" in self.faults:
+            fresh = len(hashes)
+        plan = None if reason else self._plan_room(fresh, keep=set(cached))
         if reason or plan is None:
             reason = reason or f"capacity: {len(hashes)} blocks cannot be made resident without evicting hard claims"
             self._emit(EventType.CLAIM_REFUSED, request_id=request_id, cause=reason, blocks=len(hashes))
@@ -809,7 +824,10 @@ class MicroRuntime:
         reuse: list[ClaimReuse] = []
         candidates = list(self.claims.values()) if "ended_claims_reused" in self.faults else self._live()
         for claim in candidates:
-            if claim.state != ClaimState.RESIDENT and claim.state not in TERMINAL_STATES:
+            skip = claim.state != ClaimState.RESIDENT and claim.state not in TERMINAL_STATES
+            if "demoted_claims_reused" in self.faults and claim.state == ClaimState.DEMOTED:
+                skip = False
+            if skip:
                 continue
             in_prompt = 0  # blocks of the claim the whole prompt contains
             for a, b in zip(claim.hashes, hashes):
