@@ -119,16 +119,22 @@ def register_secrets(values) -> None:
 
 
 def redact(text: str) -> str:
-    """Remove secret values: registered ones, env vars named like secrets, URL passwords."""
+    """Remove secret values: registered ones, env vars named like secrets, URL passwords.
+
+    The marker, `[redacted]`, is plain text in JSON and XML alike: redaction runs over the
+    sealed files themselves, so it must not break the format it lands in (a `<` would end a
+    junit.xml element)."""
     for value in sorted(_SECRETS, key=len, reverse=True):
-        text = text.replace(value, "<redacted>")
+        text = text.replace(value, "[redacted]")
     for name, value in os.environ.items():
         if SECRET_NAME.search(name) and len(value) >= 4:
-            text = text.replace(value, f"<redacted:{name}>")
-    text = re.sub(r"(://[^/\s:@]+):[^@\s/]+@", r"\1:<redacted>@", text)
-    # --hf-token X, --api-key=X, HF_TOKEN=X: an option or variable named like a secret
-    text = re.sub(r"(?i)(--[\w-]*(?:token|secret|password|api[_-]?key)[\w-]*[= ])(\S+)", r"\1<redacted>", text)
-    return re.sub(r"\b([A-Z_]*(?:TOKEN|SECRET|PASSWORD|API_KEY)[A-Z_]*=)(\S+)", r"\1<redacted>", text)
+            text = text.replace(value, f"[redacted:{name}]")
+    text = re.sub(r"(://[^/\s:@]+):[^@\s/\"'<>&]+@", r"\1:[redacted]@", text)
+    # --hf-token X, --api-key=X, --rkv-tenant-tokens=A,B: an option whose name ends like a
+    # secret; not --max-num-batched-tokens 4096 (a count) nor --prompt-tokens-details --x.
+    text = re.sub(r"(?i)(--[\w-]*(?:token|secret|password|api[_-]?key)s?[= ])(?!-|\d+(?:\s|$))([^\s\"'<>&]+)",
+                  r"\1[redacted]", text)
+    return re.sub(r"\b([A-Z_]*(?:TOKEN|SECRET|PASSWORD|API_KEY)[A-Z_]*=)([^\s\"'<>&]+)", r"\1[redacted]", text)
 
 
 def command_line() -> list[str]:

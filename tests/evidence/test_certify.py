@@ -55,7 +55,20 @@ def test_secrets_never_enter_the_bundle(certified):
             for secret in ("hunter2secret", "tok-hunter2"):
                 assert secret not in text, f"{secret} leaked into {path.name}"
     command = json.loads((certified / "row.json").read_text())["command_line"]
-    assert any("alice:<redacted>@" in arg for arg in command)
+    assert any("alice:[redacted]@" in arg for arg in command)
+
+
+def test_redaction_keeps_counts_and_flags_and_leaves_xml_well_formed():
+    import xml.etree.ElementTree as ET
+
+    from pytest_rkv.certify import redact
+
+    vllm = "--max-num-batched-tokens 4096 --enable-prompt-tokens-details --scheduling-policy priority"
+    assert redact(vllm) == vllm
+    assert redact("--hf-token hf_abcdef --api-key=sk-12345 --rkv-tenant-tokens=aaaa,bbbb") == (
+        "--hf-token [redacted] --api-key=[redacted] --rkv-tenant-tokens=[redacted]")
+    junit = '<testsuites><testcase><error message="--hf-token hf_x1">--api-key sk-123456</error></testcase></testsuites>'
+    ET.fromstring(redact(junit))  # still XML
 
 
 @pytest.mark.parametrize("args, why", [
