@@ -80,3 +80,17 @@ def test_event_contents_are_held_to_the_trace_and_to_what_the_test_did():
     assert problems(6, claim_id="x") == ["seq 6: claim.refused of x: a refused claim was never issued an id"]
     # what the test did not do is held only to the trace
     assert content_problems(good, Ledger()) == []
+
+
+def test_restore_events_carry_the_claim_s_blocks_and_the_tier_they_leave_or_fail_from():
+    from pytest_rkv.trace import Ledger, content_problems
+
+    R, D, F = ClaimState.RESIDENT, ClaimState.DEMOTED, ClaimState.FAILED
+    ledger = Ledger(claims={"c": 3})
+    restored = _event(5, EventType.CLAIM_RESTORED, "c", D, R, request_id="r", tier="device", blocks=3)
+    failed = _event(5, EventType.CLAIM_RESTORE_FAILED, "c", D, F, request_id="r", tier="host")
+    assert content_problems([restored, failed], ledger) == []
+    assert content_problems([restored.model_copy(update={"blocks": 2})], ledger) == [
+        "seq 5: claim.restored of c says 2 blocks; the claim covers 3"]
+    assert content_problems([failed.model_copy(update={"tier": None})], ledger) == [
+        "seq 5: claim.restore_failed of c reports tier None; expected 'host'"]
