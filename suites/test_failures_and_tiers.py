@@ -14,11 +14,15 @@ def _seq(events, type_, claim_id=None, request_id=None):
     return found[0] if found else None
 
 
+def _require_demotion(rkv):
+    if not rkv.info.demotion:
+        raise Unsupported("the backend reports no demotion tier")
+
+
 def _demote_by_pressure(rkv, tag, blocks=RESIDENT_BLOCKS):
     """A demotable hard claim, then the canonical active request, which should push it to
     the host tier instead of being refused."""
-    if not rkv.info.demotion:
-        raise Unsupported("the backend reports no demotion tier")
+    _require_demotion(rkv)
     claim = rkv.accepted(tag, blocks, demotable=True)
     rid, active = rkv.run("active", ACTIVE_BLOCKS)
     assert active.ok, f"a demotable claim should make room by demotion, not refusal: {active.error}"
@@ -194,8 +198,7 @@ def test_nested_demoted_claims_are_both_restored_before_reuse(rkv):
     """Two demotable claims, one a prefix of the other, and a request that needs the whole
     pool: both are demoted (not refused), and one request on the longer prefix restores
     both before it reuses them, crediting each with its own blocks."""
-    if not rkv.info.demotion:
-        raise Unsupported("the backend reports no demotion tier")
+    _require_demotion(rkv)
     inner = rkv.accepted("nested", 10, demotable=True)
     outer = rkv.accepted("nested", 20, demotable=True)
     _, whole = rkv.run("whole-pool", rkv.info.total_blocks)
@@ -239,8 +242,7 @@ def test_pressure_demotes_and_harms_but_never_refuses_without_a_hard_blocker(rkv
     that needs all the room they can give: no hard claim stays in the way, so it is
     admitted; the hard claim is demoted (it may not be dropped), the soft demotable one is
     demoted or harmed, and the soft one is harmed, each with its event."""
-    if not rkv.info.demotion:
-        raise Unsupported("the backend reports no demotion tier")
+    _require_demotion(rkv)
     hard = rkv.accepted("mixed-hard", 20, demotable=True)
     soft_demotable = rkv.accepted("mixed-soft-demotable", 10, strength="soft", demotable=True)
     soft = rkv.accepted("mixed-soft", 30, strength="soft")
@@ -275,8 +277,7 @@ def test_demoted_claim_is_not_credited_for_a_prefix_another_claim_serves(rkv):
     """A demoted claim extends a resident one: a request on the resident prefix alone is
     served from the resident claim's blocks, restores nothing, and credits only that claim
     (crediting the demoted one would be reuse without a restore)."""
-    if not rkv.info.demotion:
-        raise Unsupported("the backend reports no demotion tier")
+    _require_demotion(rkv)
     inner = rkv.accepted("outer-demoted", 10)
     outer, _ = _demote_by_pressure(rkv, "outer-demoted", blocks=20)
     if rkv.driver.get_claim(outer.claim_id).unwrap().state != ClaimState.DEMOTED:
@@ -299,8 +300,7 @@ def test_demotion_beside_a_request_that_reuses_half_the_claim(rkv):
     the room of the other half: it is admitted, the claim is demoted, the pool still adds
     up (the half being reused is neither lost nor counted twice), and the whole prefix
     later comes back by a restore before its reuse."""
-    if not rkv.info.demotion:
-        raise Unsupported("the backend reports no demotion tier")
+    _require_demotion(rkv)
     claim = rkv.accepted("half-reused", RESIDENT_BLOCKS, demotable=True)
     half = RESIDENT_BLOCKS // 2
     fresh = rkv.info.total_blocks - RESIDENT_BLOCKS + half - 5  # needs room only demotion can give

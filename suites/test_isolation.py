@@ -151,7 +151,8 @@ def test_harm_across_tenants_names_no_foreign_request(rkv):
     rid = rkv.request_id("tenant-b-displacing")
     theirs = other.complete(CompletionRequest(prompt=rkv.tokens("tenant-b-displacing", ACTIVE_BLOCKS),
                                               max_tokens=1, request_id=rid))
-    harmed = [e for e in rkv.events_since(mark) if e.type == EventType.CLAIM_HARMED]
+    mine_after = rkv.events_since(mark)
+    harmed = [e for e in mine_after if e.type == EventType.CLAIM_HARMED]
     their_events = other.events(0)
     rkv.record("tenant_a_harm_events", [e.model_dump(mode="json", include={"claim_id", "request_id", "blocks"})
                                         for e in harmed])
@@ -160,7 +161,6 @@ def test_harm_across_tenants_names_no_foreign_request(rkv):
         f"tenant A should see one harm of {soft.claim_id} by \"(another tenant)\", got "
         f"{[(e.claim_id, e.request_id) for e in harmed]}"
     )
-    mine_after = rkv.events_since(mark)
     evicted = {h for e in mine_after if e.type == EventType.BLOCKS_EVICTED for h in e.block_hashes}
     named = sorted({e.request_id for e in mine_after if e.request_id} - {"(another tenant)"})
     assert named == [], f"tenant A's events name tenant B's request(s) {named}"
