@@ -13,7 +13,8 @@ Invariants:
    fit" for a fresh request (waiting or preempted, nothing computed yet).
 2. A request is refused (`request.refused` naming every blocking hard claim, HTTP 409)
    only when it could not fit even with every block not held by a hard claim free:
-   `needed + watermark > usable - hard-pinned blocks outside its prefix hit`.
+   `needed + watermark > usable - hard-pinned blocks outside its prefix hit - its hit`
+   (`needed` counts the new blocks; the hit's blocks are its own, not room).
 3. Soft claims yield only when that makes the request fit (the fewest, oldest first); a
    yielded claim that then lost a block is `harmed` in one event naming the request and
    every lost block hash; one that lost nothing is pinned again in the same call.
@@ -24,6 +25,24 @@ Invariants:
 6. A claim leaves `accepted` exactly once: `materialized` with its blocks pinned when the
    step that computed all of them has run and every block carries the claimed hash, or
    `materialization_failed` (holding nothing) otherwise.
+
+With a host tier (`AdapterConfig.host_tier`: vLLM's KV connector stores every computed
+block to LMCache and loads it back):
+
+7. A demotable hard claim is `backed` once the connector reports its materializing
+   request's stores finished (`finished_sending`); its `POST /v1/kv/claims` answers then,
+   so an answered demotable claim can be demoted.
+8. A request that invariant 2 would refuse demotes backed demotable hard claims instead
+   (oldest first, until it would fit), each with `claim.demoted` naming it; if even all of
+   them would not make room, it is refused as before. Demotion unpins, nothing more: the
+   blocks stay cached on the device until vLLM needs them.
+9. A demoted claim is restored only by a request whose prompt holds its whole prefix and
+   can be served from it (the last-block rule), when vLLM's local hit plus the connector's
+   load cover every block of it. It is `restored` (then `reused`) only once the load has
+   finished and each of its blocks carries the claimed hash; otherwise (the tier lacks
+   blocks, a load failed, or `fail_next_restore` withheld the load) it is `restore_failed`
+   before the request's outcome, and the request names it among its failures, never as
+   reuse.
 """
 
 from __future__ import annotations
@@ -32,7 +51,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_rkv.adapters.vllm.book import Claim, ClaimBook
+from pytest_rkv.adapters.vllm.book import OTHER_TENANTS, Claim, ClaimBook
 from pytest_rkv.contract import ClaimState, EventType
 
 GROUP = 0  # the adapter supports exactly one KV cache group (full attention)
@@ -56,6 +75,7 @@ class Record:
     num_blocks: int = 0
     internal: bool = False  # a claim's materializing prefill
     claim_id: str | None = None  # the claim a completion named (informational)
+    tenant: str | None = None  # whose request it is (None: no tenancy)
     reuse: list[dict] = field(default_factory=list)
     failures: list[dict] = field(default_factory=list)
     refused: bool = False
@@ -103,7 +123,7 @@ class EvictionObserver:
 class Admission:
     """The scheduler-side half of the adapter. See the module docstring."""
 
-    def __init__(self, scheduler: Any, book: ClaimBook, usable_blocks: int) -> None:
+    def __init__(self, scheduler: Any, book: ClaimBook, usable_blocks: int, host_tier: bool = False) -> None:
         bind_vllm()
         self.sched = scheduler
         self.book = book
@@ -113,14 +133,20 @@ class Admission:
         self.usable_blocks = usable_blocks
         book.observer = EvictionObserver(self, book.inner_collector)
         self.tracked: dict[str, Record] = {}  # vLLM request id -> record (survives reset)
+        self.hash_owner: dict[bytes, str] = {}  # cached block hash -> tenant whose request stored it
         self.refusals: dict[str, dict] = {}  # vLLM request id -> refusal body, to finish
         self.mat: dict[str, Claim] = {}  # vLLM request id -> claim being materialized
         self.evicted: list[tuple[int, bytes]] = []  # (block id, hash) evicted by `allocating`
+        self.host_tier = host_tier
+        self.storing: dict[str, Claim] = {}  # materializing vLLM id -> demotable claim awaiting its stores
+        self.restoring: dict[str, list[Claim]] = {}  # vLLM id -> demoted claims its load brings back
+        self.withheld: dict[str, set[str]] = {}  # vLLM id -> claims whose restore a fault withheld
+        self.take_fault: Callable[[str, str], bool] = lambda kind, claim_id: False  # set by ClaimCore
 
     @property
     def engaged(self) -> bool:
         """Anything for the hooks to do? (False: every hook is a no-op.)"""
-        return bool(self.book.live or self.tracked or self.refusals or self.mat)
+        return bool(self.book.live or self.tracked or self.refusals or self.mat or self.storing)
 
     def rkv_id(self, vid: str) -> str:
         rec = self.tracked.get(vid)
@@ -138,8 +164,26 @@ class Admission:
             return
         self.tracked[request.request_id] = Record(
             rkv_id=str(rkv_id), num_blocks=cdiv(request.num_prompt_tokens, self.block_size),
-            claim_id=extra.get("rkv_claim_id"),
+            claim_id=extra.get("rkv_claim_id"), tenant=extra.get("rkv_tenant"),
         )
+
+    def tenant_of(self, vid: str) -> str | None:
+        record = self.tracked.get(vid)
+        return record.tenant if record is not None else None
+
+    def name_for(self, owner: str | None, vid: str) -> str:
+        """The id of request `vid` as `owner` may see it: its own, or `OTHER_TENANTS`."""
+        return self.rkv_id(vid) if self.tenant_of(vid) == owner else OTHER_TENANTS
+
+    def _note_owner(self, request: Any) -> None:
+        """Remember whose blocks an admitted tenant's request stores (its eviction events
+        go to that tenant)."""
+        tenant = self.tenant_of(request.request_id)
+        if tenant is not None:
+            from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+            for h in request.block_hashes:
+                self.hash_owner[make_block_hash_with_group_id(h, GROUP)] = tenant
 
     def before_schedule(self) -> None:
         self.book.tick()
@@ -154,6 +198,8 @@ class Admission:
         vid = request.request_id
         if vid in self.refusals:
             return None
+        if vid in self.restoring:  # its host-tier load has finished: did it bring the claims back?
+            self._settle_restores(request)
         if request.num_computed_tokens or request.status not in _FRESH_STATUSES:
             # A running request growing: nothing to decide (it can evict only unclaimed
             # cache, which vLLM's own block events show), and not worth a step's time.
@@ -170,16 +216,24 @@ class Admission:
                 watermark = self.mgr.watermark_blocks if kwargs.get("has_scheduled_reqs", True) else 0
                 if book.hard_pins:
                     hard_outside = len(book.hard_pins) - sum(1 for b in hits if b.block_id in book.hard_pins)
-                    if needed + watermark > self.usable_blocks - hard_outside:
-                        self._refuse(request, hits, needed, hard_outside)
-                        return None
-                yielded = self._yield_soft(hits, needed + watermark)
-                if yielded:
-                    result = orig(request, num_new_tokens, *args, **kwargs)
+                    if needed + watermark > self.usable_blocks - hard_outside - len(hits):
+                        if not self._demote(request, hits, needed + watermark):
+                            self._refuse(request, hits, needed, hard_outside)
+                            return None
+                        result = orig(request, num_new_tokens, *args, **kwargs)
+                if result is None:
+                    yielded = self._yield_soft(hits, needed + watermark)
+                    if yielded:
+                        result = orig(request, num_new_tokens, *args, **kwargs)
         finally:
             self._end_allocation(request, yielded)
-        if result is not None and hits and book.by_first:
-            self._attribute_reuse(request, hits)
+        if result is not None:
+            self._note_owner(request)
+            if book.by_first:
+                if hits:
+                    self._attribute_reuse(request, hits)
+                if self.host_tier:
+                    self._begin_restores(request, hits, kwargs)
         return result
 
     def allocate_followed(self, orig: Callable, request: Any, num_new_tokens: int, args: tuple,
@@ -197,6 +251,8 @@ class Admission:
         book.unwatch()
         if self.evicted:
             self._end_allocation(request, ())
+        if result is not None:
+            self._note_owner(request)
         return result
 
     def pin_materialized(self, scheduler_output: Any) -> None:
@@ -231,6 +287,16 @@ class Admission:
             book.transition(claim, EventType.CLAIM_MATERIALIZED, request_id=claim.request_id,
                             tier="device", blocks=claim.num_blocks)
             book.schedule_expiry(claim)
+            if claim.demotable and self.host_tier:
+                self.storing[vid] = claim  # answered once the tier holds it (invariant 7)
+            else:
+                self.resolve(claim)
+
+    def stores_completed(self, finished_sending: set[str]) -> None:
+        """The connector finished storing these requests' blocks to the host tier."""
+        for vid in finished_sending & self.storing.keys():
+            claim = self.storing.pop(vid)
+            claim.backed = True
             self.resolve(claim)
 
     def after_update(self, outputs: dict) -> None:
@@ -266,10 +332,12 @@ class Admission:
                                 out.kv_transfer_params = {**(out.kv_transfer_params or {}), "rkv": rkv}
 
     def _finish_record(self, vid: str) -> Record | None:
+        self.restoring.pop(vid, None)  # a load that never finished leaves its claims demoted
+        self.withheld.pop(vid, None)
         record = self.tracked.pop(vid, None)
         if record is None or record.internal or record.refused:
             return record
-        self.book.emit(EventType.REQUEST_COMPLETED, request_id=record.rkv_id, cause="completed",
+        self.book.emit(EventType.REQUEST_COMPLETED, owner=record.tenant, request_id=record.rkv_id, cause="completed",
                        blocks=record.num_blocks)
         return record
 
@@ -280,31 +348,37 @@ class Admission:
         rid = record.rkv_id if record is not None else vid
         hit_ids = {b.block_id for b in hits}
         live = self.book.live
-        blockers = sorted(
-            c.claim_id for c in live.values()
-            if c.strength == "hard" and any(b.block_id not in hit_ids for b in c.blocks)
-        )
+        tenant = record.tenant if record is not None else None
+        blocking = sorted(
+            (c for c in live.values() if c.strength == "hard" and any(b.block_id not in hit_ids for b in c.blocks)),
+            key=lambda c: c.claim_id)
+        # Another tenant's claims are counted, never named (book.py, invariant 7).
+        blockers = [c.claim_id for c in blocking if tenant is None or c.owner == tenant]
+        claimed = {cid: len(live[cid].blocks) for cid in blockers}
+        foreign = sum(len(c.blocks) for c in blocking if c.claim_id not in claimed)
+        if foreign:
+            claimed[OTHER_TENANTS] = foreign
         free, evictable = self._free_and_evictable(hit_ids)
         body = {
             "type": "active_refusal",
             "message": (
                 f"request {rid} needs {needed} blocks; {free} free + {evictable} evictable; the "
-                f"rest is held by hard claims {', '.join(blockers)} ({hard_outside} blocks), "
-                "which the adapter will not evict"
+                f"rest is held by hard claims {', '.join([*blockers, *([OTHER_TENANTS] if foreign else [])])} "
+                f"({hard_outside} blocks), which the adapter will not evict"
             ),
             "request_id": rid,
             "blocking_claims": blockers,
             "needed_blocks": needed,
             "free_blocks": free,
             "evictable_blocks": evictable,
-            "claimed_blocks": {cid: len(live[cid].blocks) for cid in blockers},
+            "claimed_blocks": claimed,
         }
         claim = self.mat.get(vid)
         if claim is not None:  # a claim's own prefill cannot evict other hard claims
             claim.fail_reason = (f"capacity: {needed} blocks cannot be made resident without "
                                  f"evicting hard claims {', '.join(blockers)}")
         else:
-            self.book.emit(EventType.REQUEST_REFUSED, request_id=rid, cause="hard_claims",
+            self.book.emit(EventType.REQUEST_REFUSED, owner=tenant, request_id=rid, cause="hard_claims",
                            blocking_claims=blockers, blocks=needed)
             if record is not None:
                 record.refused = True
@@ -359,7 +433,6 @@ class Admission:
         book.unwatch()
         if not evicted and not yielded:
             return
-        rid = self.rkv_id(request.request_id)
         harmed: list[tuple[Claim, list[bytes]]] = []
         lost_ids: set[int] = set()
         for claim in yielded:
@@ -370,13 +443,163 @@ class Admission:
                 lost_ids.update(i for i, _ in lost)
             else:
                 book.pin(claim, snapshot)  # nothing lost: protected again
-        plain = [h for i, h in evicted if i not in lost_ids]
-        if plain:  # (hashes stay raw bytes until someone reads the events)
-            book.emit(EventType.BLOCKS_EVICTED, request_id=rid, blocks=len(plain), block_hashes=plain)
+        plain: dict[str | None, list[bytes]] = {}  # owner -> hashes (raw bytes until read)
+        for i, h in evicted:
+            owner = self.hash_owner.pop(h, None)
+            if i not in lost_ids:
+                plain.setdefault(owner, []).append(h)
+        for owner, hashes in plain.items():  # one event per tenant whose blocks went
+            book.emit(EventType.BLOCKS_EVICTED, owner=owner, request_id=self.name_for(owner, request.request_id),
+                      blocks=len(hashes), block_hashes=hashes)
         for claim, hashes in harmed:
-            claim.reason = f"lost {len(hashes)} blocks to request {rid}"
+            by = self.name_for(claim.owner, request.request_id)
+            claim.reason = f"lost {len(hashes)} blocks to request {by}"
             book.transition(claim, EventType.CLAIM_HARMED, cause="evicted_by_request",
-                            request_id=rid, blocks=len(hashes), block_hashes=hashes)
+                            request_id=by, blocks=len(hashes), block_hashes=hashes)
+
+    def _demote(self, request: Any, hits: Sequence, need: int) -> list[Claim]:
+        """Demote the backed demotable hard claims (oldest first) that leave `need` blocks
+        outside hard pins; [] and nothing changed if even all of them would not
+        (invariant 8). A block two claims pin is freed only once both are demoted."""
+        if not self.host_tier or self.request_is_claim(request):
+            return []
+        book = self.book
+        hit_ids = {b.block_id for b in hits}
+        hard = dict(book.hard_pins)
+        outside = len(hard) - sum(1 for i in hit_ids if i in hard)
+        room = self.usable_blocks - len(hit_ids)  # less what stays hard-pinned outside the hit
+        chosen: list[Claim] = []
+        for claim in book.live.values():
+            if need <= room - outside:
+                break
+            if claim.strength != "hard" or not (claim.demotable and claim.backed and claim.blocks):
+                continue
+            chosen.append(claim)
+            for b in claim.blocks:
+                left = hard[b.block_id] - 1
+                if left:
+                    hard[b.block_id] = left
+                else:
+                    del hard[b.block_id]
+                    outside -= b.block_id not in hit_ids
+        if need > room - outside:
+            return []
+        for claim in chosen:
+            rid = self.name_for(claim.owner, request.request_id)
+            book.unpin(claim)
+            claim.tier = "host"
+            claim.reason = f"demoted to the host tier to admit request {rid}"
+            book.transition(claim, EventType.CLAIM_DEMOTED, cause="pressure", request_id=rid,
+                            tier="host", blocks=claim.num_blocks)
+        return chosen
+
+    def request_is_claim(self, request: Any) -> bool:
+        """A claim's own materializing prefill (it may not demote other claims)."""
+        return request.request_id in self.mat
+
+    def demoted_in(self, request: Any) -> list[Claim]:
+        """Demoted claims whose whole prefix this prompt holds and could be served from
+        (the last-block rule), longest first."""
+        from vllm.v1.core.kv_cache_utils import make_block_hash_with_group_id
+
+        full = request.block_hashes
+        if not full:
+            return []
+        ids = self.book.by_first.get(make_block_hash_with_group_id(full[0], GROUP))
+        if not ids:
+            return []
+        servable = (request.num_tokens - 1) // self.block_size
+        found = []
+        for claim_id in sorted(ids):
+            claim = self.book.live.get(claim_id)
+            if claim is None or claim.state != ClaimState.DEMOTED or claim.num_blocks > servable:
+                continue
+            if all(make_block_hash_with_group_id(full[i], GROUP) == h for i, h in enumerate(claim.hashes)):
+                found.append(claim)
+        return sorted(found, key=lambda c: -c.num_blocks)
+
+    def allow_load(self, request: Any) -> bool:
+        """Asked by the connector wrapper before vLLM plans a load for a fresh request.
+
+        Only a restore loads: a request whose prompt holds a demoted claim. Any other
+        request is served from the device pool alone, as without a tier, so a block it
+        lost on the device stays lost (evictions, harm and reuse read the same as on
+        `vllm+rkv`) and every load is a claim's restore. A `fail_next_restore` armed for
+        a claim the request would restore withholds the whole load (the request recomputes
+        what the device does not hold, and the restore fails)."""
+        vid = request.request_id
+        if vid in self.withheld:
+            return False
+        claims = self.demoted_in(request)
+        armed = {c.claim_id for c in claims if self.take_fault("fail_next_restore", c.claim_id)}
+        if armed:
+            self.withheld[vid] = armed
+        return bool(claims) and not armed
+
+    def _begin_restores(self, request: Any, hits: Sequence, kwargs: dict) -> None:
+        """An admitted request whose prompt holds demoted claims: plan their restore, or
+        fail it now if the local hit plus the load cannot cover them (invariant 9)."""
+        claims = self.demoted_in(request)
+        if not claims:
+            return
+        vid = request.request_id
+        covered = len(hits) + int(kwargs.get("num_external_computed_tokens") or 0) // self.block_size
+        withheld = self.withheld.get(vid, set())
+        pending = []
+        for claim in claims:
+            if claim.claim_id in withheld:
+                self._fail_restore(claim, vid, "restore failed (injected): the host tier's load was withheld",
+                                   cause="injected")
+            elif covered < claim.num_blocks:
+                self._fail_restore(claim, vid, f"the host tier and the device hold {covered} of its "
+                                   f"{claim.num_blocks} blocks; the rest is recomputed", cause="tier")
+            else:
+                pending.append(claim)
+        if pending:
+            self.restoring[vid] = pending
+            if not kwargs.get("delay_cache_blocks"):  # loaded in this very step: settle now
+                self._settle_restores(request)
+
+    def _settle_restores(self, request: Any) -> None:
+        """The request's load has finished (or was synchronous): each pending claim is
+        restored, pinned and then credited, or its restore failed."""
+        vid = request.request_id
+        book = self.book
+        blocks = self.mgr.get_blocks(vid).blocks[GROUP]
+        rid = self.rkv_id(vid)
+        restored = []
+        for claim in self.restoring.pop(vid, []):
+            if claim.state != ClaimState.DEMOTED:
+                continue  # released or expired while loading
+            got = 0
+            for b, h in zip(blocks, claim.hashes):
+                if b.block_hash != h:
+                    break
+                got += 1
+            if got < claim.num_blocks:
+                self._fail_restore(claim, vid, f"the load brought back {got} of its {claim.num_blocks} "
+                                   "blocks; the rest is recomputed", cause="load")
+                continue
+            book.pin(claim, blocks[: claim.num_blocks])
+            claim.tier, claim.reason = "device", None
+            book.transition(claim, EventType.CLAIM_RESTORED, cause="reuse", request_id=rid, tier="device",
+                            blocks=claim.num_blocks)
+            restored.append(claim)
+        record = self.tracked.get(vid)
+        for claim in restored:
+            if record is not None:
+                record.reuse.append({"claim_id": claim.claim_id, "tokens": claim.num_blocks * self.block_size,
+                                     "restored": True,
+                                     "recomputed_tokens": self._recomputed(request, claim, claim.num_blocks)})
+            book.transition(claim, EventType.CLAIM_REUSED, request_id=rid, blocks=claim.num_blocks)
+
+    def _fail_restore(self, claim: Claim, vid: str, reason: str, cause: str) -> None:
+        claim.reason = reason
+        self.book.transition(claim, EventType.CLAIM_RESTORE_FAILED, cause=cause, request_id=self.rkv_id(vid),
+                             tier="host")
+        record = self.tracked.get(vid)
+        if record is not None:
+            record.failures.append({"claim_id": claim.claim_id, "reason": reason})
 
     def _attribute_reuse(self, request: Any, hits: Sequence) -> None:
         vid = request.request_id

@@ -15,6 +15,11 @@ Invariants:
    materializing prefill is handed to the scheduler.
 3. `reset` drops every claim (their waiters answered), the event log and vLLM's prefix
    cache, or answers 409 and changes nothing vLLM holds while a request still runs.
+4. Tenants: the endpoint plugin authenticates the caller and passes its tenant as
+   `payload["_tenant"]` (None: no tenancy, or the admin). A tenant's claims are salted with
+   its name (vLLM's `cache_salt`), so equal prompts of two tenants share no blocks; another
+   tenant's claim answers 404 as if it did not exist; a tenant's claims together stay
+   within `tenant_budget_blocks`, and all claims within the global budget.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from typing import Any
 
 from pytest_rkv.adapters.vllm import ADAPTER_VERSION
 from pytest_rkv.adapters.vllm.admission import GROUP, Admission, Record, reply
-from pytest_rkv.adapters.vllm.book import Claim, ClaimBook, hash_hex
+from pytest_rkv.adapters.vllm.book import Claim, ClaimBook, hash_hex, visible
 from pytest_rkv.adapters.vllm.config import AdapterConfig
 from pytest_rkv.contract import EVENT_PAGE_LIMIT, TERMINAL_STATES, ClaimState, EventType, RuntimeInfo
 
-DEMOTION_UNSUPPORTED = "vLLM's KV offload worker needs CUDA or XPU; this adapter has no host tier"
+DEMOTION_UNSUPPORTED = ("no host tier configured: start vLLM with a storing and loading KV connector "
+                        "(LMCache's LMCacheMPConnector) and --additional-config '{\"rkv\": {\"host_tier\": true}}'")
+FAULTS = ("fail_next_materialization", "fail_next_restore")
 
 
 def error(status: int, type_: str, message: str, **extra) -> dict:
@@ -52,17 +59,20 @@ class ClaimApi:
         self.budget = budget
         self.unsupported = unsupported
         self.armed: list[dict] = []
+        self.caller: str | None = None  # the tenant of the operation in progress
 
     def handle(self, op: str, payload: dict, engine: Any) -> dict | Future:
         self.book.tick()
+        payload = dict(payload or {})
+        self.caller = payload.pop("_tenant", None)
         handler = getattr(self, f"op_{op}", None)
         if handler is None:
             return error(404, "not_found", f"no RKV operation {op!r}")
-        return handler(payload or {}, engine)
+        return handler(payload, engine)
 
     def _lookup(self, claim_id: str) -> Claim | dict:
         claim = self.book.claims.get(claim_id)
-        if claim is None:
+        if claim is None or not visible(claim.owner, self.caller):  # another tenant's: as if absent
             return error(404, "not_found", f"no claim {claim_id!r}")
         return claim
 
@@ -73,12 +83,13 @@ class ClaimApi:
         info = RuntimeInfo(
             runtime="vllm", runtime_version=getattr(vllm, "__version__", "unknown"),
             block_size=self.block_size, total_blocks=self.usable_blocks,
-            fault_injection=self.config.fault_injection, demotion=False, routed=False,
+            fault_injection=self.config.fault_injection, demotion=self.config.host_tier, routed=False,
         ).model_dump(mode="json")
         info["adapter"] = {"name": "pytest-rkv vllm adapter", "version": ADAPTER_VERSION,
                            "depth": "adapter", "claim_budget_blocks": self.budget,
                            "unsupported": self.unsupported,
-                           "demotion_unsupported": DEMOTION_UNSUPPORTED}
+                           "host_tier": self.config.host_tier,
+                           "demotion_unsupported": None if self.config.host_tier else DEMOTION_UNSUPPORTED}
         return reply(200, info)
 
     def op_claim(self, payload: dict, engine: Any) -> dict | Future:
@@ -98,21 +109,30 @@ class ClaimApi:
                          f"a claim must cover at least one full block of {B} tokens",
                          fields=[{"loc": ["prompt_token_ids"], "msg": "shorter than one block"}])
 
+        owner = self.caller
+
         def refuse(reason: str) -> dict:
-            book.emit(EventType.CLAIM_REFUSED, request_id=rid, cause=reason, blocks=k)
+            book.emit(EventType.CLAIM_REFUSED, owner=owner, request_id=rid, cause=reason, blocks=k)
             return error(409, "no_admit", "claim not admitted", reason=reason, request_id=rid)
 
         if k * B > self.max_model_len:
             return refuse(f"capacity: {k} blocks are longer than max_model_len {self.max_model_len}")
+        tenant_budget = self.config.tenant_budget_blocks
+        if owner is not None and tenant_budget is not None:
+            mine = book.held_blocks(owner)
+            if mine + k > tenant_budget:
+                return refuse(f"tenant claim budget: tenant {owner} holds {mine} of its {tenant_budget} "
+                              f"blocks, {k} more requested")
         held = book.held_blocks()
         if held + k > self.budget:
-            return refuse(f"claim budget: {held} of {self.budget} blocks already claimed, {k} more requested")
+            return refuse(f"global claim budget: {held} of {self.budget} blocks already claimed, "
+                          f"{k} more requested")
 
         mat_id = f"rkv-materialize-{rid}-{time.monotonic_ns()}"
         request = Request(
             request_id=mat_id, prompt_token_ids=tokens[: k * B],
             sampling_params=SamplingParams(max_tokens=1, temperature=0.0),
-            pooling_params=None, arrival_time=time.time(), priority=0,
+            pooling_params=None, arrival_time=time.time(), priority=0, cache_salt=owner,
             block_hasher=engine.request_block_hasher,
         )
         hashes = [make_block_hash_with_group_id(h, GROUP) for h in request.block_hashes[:k]]
@@ -123,7 +143,7 @@ class ClaimApi:
         hit_ids = {b.block_id for b in hits}
         needed = k - len(hits)
         hard_outside = len(book.hard_pins) - sum(1 for i in hit_ids if i in book.hard_pins)
-        if needed > self.usable_blocks - hard_outside:
+        if needed > self.usable_blocks - hard_outside - len(hit_ids):
             return refuse(f"capacity: {k} blocks cannot be made resident without evicting hard claims")
 
         now = time.monotonic()
@@ -133,16 +153,17 @@ class ClaimApi:
             num_blocks=k, hashes=hashes, prefix_hash=hash_hex(hashes[-1]),
             demotable=bool(payload.get("demotable", False)), ttl_s=ttl,
             expires_at=None if ttl is None else now + ttl,
-            client_id=payload.get("client_id"), tenant=payload.get("tenant"),
+            client_id=payload.get("client_id"), tenant=owner or payload.get("tenant"), owner=owner,
             request_id=rid, mat_id=mat_id,
         )
         book.claims[claim.claim_id] = book.live[claim.claim_id] = claim
-        book.emit(EventType.CLAIM_ACCEPTED, claim_id=claim.claim_id, from_state=None,
+        book.emit(EventType.CLAIM_ACCEPTED, owner=owner, claim_id=claim.claim_id, from_state=None,
                   to_state=ClaimState.ACCEPTED.value, request_id=rid, blocks=k)
-        claim.fail_injected = self._take_fault("fail_next_materialization", claim.claim_id)
+        claim.fail_injected = self.take_fault("fail_next_materialization", claim.claim_id)
         claim.waiter = Future()
         admission.mat[mat_id] = claim
-        admission.tracked[mat_id] = Record(rkv_id=rid, num_blocks=k, internal=True, claim_id=claim.claim_id)
+        admission.tracked[mat_id] = Record(rkv_id=rid, num_blocks=k, internal=True, claim_id=claim.claim_id,
+                                           tenant=owner)
         engine.add_request(request)
         return claim.waiter
 
@@ -151,7 +172,8 @@ class ClaimApi:
         return claim if isinstance(claim, dict) else reply(200, self.book.view(claim))
 
     def op_list(self, payload: dict, engine: Any) -> dict:
-        return reply(200, {"claims": [self.book.view(c) for c in self.book.claims.values()]})
+        return reply(200, {"claims": [self.book.view(c) for c in self.book.claims.values()
+                                      if visible(c.owner, self.caller)]})
 
     def op_release(self, payload: dict, engine: Any) -> dict:
         from vllm.v1.request import RequestStatus
@@ -170,10 +192,14 @@ class ClaimApi:
         return reply(200, book.view(claim))
 
     def op_events(self, payload: dict, engine: Any) -> dict:
-        return reply(200, self.book.page(int(payload.get("after", 0)), int(payload.get("limit", EVENT_PAGE_LIMIT))))
+        return reply(200, self.book.page(int(payload.get("after", 0)), int(payload.get("limit", EVENT_PAGE_LIMIT)),
+                                         tenant=self.caller))
 
     def op_pool(self, payload: dict, engine: Any) -> dict:
-        return reply(200, self.book.pool_state(self.usable_blocks, self.budget))
+        # The host side: demoted claims may together keep up to the claim budget there.
+        host_total = self.budget if self.config.host_tier else 0
+        return reply(200, self.book.pool_state(self.usable_blocks, self.budget, host_total, tenant=self.caller,
+                                               tenant_budget=self.config.tenant_budget_blocks))
 
     def op_reset(self, payload: dict, engine: Any) -> dict:
         """Drop every claim, the event log and the prefix cache. Fails (409, retry) while
@@ -187,6 +213,10 @@ class ClaimApi:
             claim.reason = "dropped by reset"
             admission.resolve(claim)
         admission.mat.clear()
+        admission.storing.clear()
+        admission.restoring.clear()
+        admission.withheld.clear()
+        admission.hash_owner.clear()
         for claim in list(book.live.values()):
             book.unpin(claim)
         for claim in list(book.claims.values()):
@@ -202,8 +232,10 @@ class ClaimApi:
             return error(501, "unsupported", "fault injection is disabled "
                          "(--additional-config '{\"rkv\": {\"fault_injection\": true}}')")
         kind = payload.get("kind")
-        if kind != "fail_next_materialization":
-            return error(501, "unsupported", f"fault {kind!r} is not offered: this adapter has no "
+        if kind not in FAULTS:
+            return error(501, "unsupported", f"fault {kind!r} is not offered (offered: {', '.join(FAULTS)})")
+        if kind == "fail_next_restore" and not self.config.host_tier:
+            return error(501, "unsupported", "fault 'fail_next_restore' is not offered: this adapter has no "
                          "host tier, so nothing is ever restored")
         claim_id = payload.get("claim_id")
         if claim_id is not None and claim_id not in self.book.claims:
@@ -211,7 +243,7 @@ class ClaimApi:
         self.armed.append({"kind": kind, "claim_id": claim_id})
         return reply(200, {"kind": kind, "claim_id": claim_id})
 
-    def _take_fault(self, kind: str, claim_id: str) -> bool:
+    def take_fault(self, kind: str, claim_id: str) -> bool:
         for armed in self.armed:
             if armed["kind"] == kind and armed["claim_id"] in (None, claim_id):
                 self.armed.remove(armed)

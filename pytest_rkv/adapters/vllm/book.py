@@ -12,7 +12,8 @@ Invariants (tests/vllm/test_vllm_adapter_units.py exercises them through vLLM's 
    So a pinned block has `ref_cnt >= pins[b]`, is never in vLLM's free queue, and is
    never evicted by vLLM's allocator.
 2. A claim holds blocks (`blocks` non-empty) only while it is `resident`. An `accepted`,
-   `demoted` or terminal claim holds none.
+   `demoted` or terminal claim holds none. A claim is `demoted` (tier `host`) only if it
+   was `backed` when demoted: the host tier had confirmed storing every block of it.
 3. `by_first[h]` is the set of ids of non-terminal claims that have materialized and whose
    first block hash is `h` (the reuse index): entered at materialization, left at the
    terminal transition.
@@ -23,6 +24,12 @@ Invariants (tests/vllm/test_vllm_adapter_units.py exercises them through vLLM's 
    claim's state to its target in the same call.
 6. The expiry heap may hold stale entries (claims already released or failed): they are
    skipped when popped, never acted on.
+7. Tenants (when the API server has them): every event has an owner, the tenant it is
+   about (a claim's owner, a request's tenant, the tenant whose blocks were evicted); a
+   tenant's page holds only its own events, and an event about one tenant's claim or
+   blocks never names another tenant's request (`OTHER_TENANTS` stands in). A claim is
+   visible (get, release, list, pool) only to its owner. Owner None: no tenancy, or a
+   caller that sees everything (the admin).
 
 NOTE: while any block is pinned, the pool's `metrics_collector` slot holds the eviction
 observer (`watch`), so vLLM dropping a pinned block's content (its KV-load-failure path,
@@ -51,6 +58,12 @@ from pytest_rkv.contract import (
 )
 
 _MASK64 = (1 << 64) - 1
+OTHER_TENANTS = "(another tenant)"  # what a tenant sees in place of another tenant's ids
+
+
+def visible(owner: str | None, tenant: str | None) -> bool:
+    """May `tenant` (None: not tenant-scoped) see what `owner` owns?"""
+    return tenant is None or owner == tenant
 
 
 def hash_hex(block_hash_with_group: bytes) -> str:
@@ -73,12 +86,16 @@ class Claim:
     expires_at: float | None
     client_id: str | None
     tenant: str | None
+    owner: str | None  # the tenant whose token made it (None: no tenancy)
     request_id: str  # the claim request (claimreq-N), named by its events
     mat_id: str  # vLLM request id of the materializing prefill
     state: ClaimState = ClaimState.ACCEPTED
     tier: Tier = "device"
     reason: str | None = None
     blocks: list = field(default_factory=list)  # the KVCacheBlocks it pins (empty: none)
+    # The host tier confirmed it stores every block (the materializing request's stores
+    # completed): only a backed claim may be demoted.
+    backed: bool = False
     fail_injected: bool = False
     fail_reason: str | None = None
     waiter: Future | None = None  # the POST /claims answer, resolved at materialization
@@ -113,13 +130,13 @@ class ClaimBook:
     def new_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
-    def held_blocks(self) -> int:
-        """Blocks claimed by live claims (the claim budget's measure)."""
-        return sum(c.num_blocks for c in self.live.values())
+    def held_blocks(self, owner: str | None = None) -> int:
+        """Blocks claimed by live claims (the claim budget's measure), or by one tenant's."""
+        return sum(c.num_blocks for c in self.live.values() if owner is None or c.owner == owner)
 
     # -- events ----------------------------------------------------------------------
-    def emit(self, type_: EventType, **fields: Any) -> None:
-        event = {"seq": self.next_seq, "ts": time.time(), "type": type_.value}
+    def emit(self, type_: EventType, owner: str | None = None, **fields: Any) -> None:
+        event = {"seq": self.next_seq, "ts": time.time(), "type": type_.value, "_owner": owner}
         event.update(fields)
         self.next_seq += 1
         self.events.append(event)
@@ -131,22 +148,34 @@ class ClaimBook:
         from_states, to_state = EVENT_TRANSITIONS[type_]
         assert claim.state in from_states, (
             f"{type_.value} cannot leave {claim.state.value} (claim {claim.claim_id})")
-        self.emit(type_, claim_id=claim.claim_id, from_state=claim.state.value,
+        self.emit(type_, owner=claim.owner, claim_id=claim.claim_id, from_state=claim.state.value,
                   to_state=to_state.value, **fields)
         claim.state = to_state
         if to_state in TERMINAL_STATES:
             self.unindex(claim)
             self.live.pop(claim.claim_id, None)
 
-    def page(self, after: int, limit: int = EVENT_PAGE_LIMIT) -> dict:
-        """`GET /v1/kv/events?after=&limit=`: at most `limit` events with seq > after, and
-        whether more wait (seqs are contiguous, so the start is arithmetic)."""
+    def page(self, after: int, limit: int = EVENT_PAGE_LIMIT, tenant: str | None = None) -> dict:
+        """`GET /v1/kv/events?after=&limit=`: at most `limit` events with seq > after that
+        `tenant` may see, and whether more wait (seqs are contiguous, so the start is
+        arithmetic; a tenant's view skips the others' events)."""
         events = self.events
         start = max(0, after + 1 - events[0]["seq"]) if events else 0
-        chosen = events[start:start + limit]
+        if tenant is None:
+            chosen = events[start:start + limit]
+            more = start + limit < len(events)
+        else:
+            chosen, more = [], False
+            for event in events[start:]:
+                if not visible(event["_owner"], tenant):
+                    continue
+                if len(chosen) == limit:
+                    more = True
+                    break
+                chosen.append(event)
         return {"events": [_public(e) for e in chosen],
                 "last_seq": chosen[-1]["seq"] if chosen else after,
-                "more": start + limit < len(events),
+                "more": more,
                 "oldest_seq": events[0]["seq"] if events else 0}
 
     # -- pins --------------------------------------------------------------------------
@@ -226,8 +255,14 @@ class ClaimBook:
             client_id=claim.client_id, tenant=claim.tenant, reason=claim.reason,
         ).model_dump(mode="json")
 
-    def pool_state(self, usable_blocks: int, budget: int, host: tuple[int, int] = (0, 0)) -> dict:
-        """`GET /v1/kv/pool`. Walks vLLM's pool once (block 0 is its null block)."""
+    def host_blocks(self) -> int:
+        """Distinct blocks demoted claims keep in the host tier (nested claims share some)."""
+        return len({h for c in self.live.values() if c.state == ClaimState.DEMOTED for h in c.hashes})
+
+    def pool_state(self, usable_blocks: int, budget: int, host_total: int = 0, tenant: str | None = None,
+                   tenant_budget: int | None = None) -> dict:
+        """`GET /v1/kv/pool`. Walks vLLM's pool once (block 0 is its null block). The host
+        side counts what demoted claims keep there, not what else the tier caches."""
         free = cached = active = 0
         for b in self.pool.blocks[1:]:
             if b.ref_cnt == 0:
@@ -240,8 +275,10 @@ class ClaimBook:
         return PoolState(
             block_size=self.block_size, total_blocks=usable_blocks, free_blocks=free,
             cached_blocks=cached, active_blocks=active,
-            claimed_blocks={c.claim_id: len(c.blocks) for c in self.live.values() if c.blocks},
-            claim_budget_blocks=budget, host_total_blocks=host[0], host_used_blocks=host[1],
+            claimed_blocks={c.claim_id: len(c.blocks) for c in self.live.values()
+                            if c.blocks and visible(c.owner, tenant)},
+            claim_budget_blocks=budget, host_total_blocks=host_total,
+            host_used_blocks=self.host_blocks() if host_total else 0, tenant_budget_blocks=tenant_budget,
         ).model_dump(mode="json")
 
 
@@ -255,7 +292,8 @@ def _decrement(counts: dict[int, int], key: int) -> None:
 
 def _public(event: dict) -> dict:
     """An event as the API serves it: block hashes as vLLM's event hex strings."""
-    hashes = event.get("block_hashes")
+    public = {k: v for k, v in event.items() if k != "_owner"}
+    hashes = public.get("block_hashes")
     if hashes and isinstance(hashes[0], bytes):
-        return {**event, "block_hashes": [hash_hex(h) for h in hashes]}
-    return event
+        public["block_hashes"] = [hash_hex(h) for h in hashes]
+    return public

@@ -42,9 +42,13 @@ class ClaimCore:
         self.budget: int = config.budget_for(self.usable_blocks)
         self.unsupported = unsupported_reason(scheduler)
         self.book = ClaimBook(pool, self.block_size, config.max_events)
-        self.admission = Admission(scheduler, self.book, self.usable_blocks)
+        if config.host_tier and getattr(scheduler, "connector", None) is None:
+            raise ValueError("the RKV adapter's host_tier needs a KV connector that stores and loads "
+                             "blocks (--kv-transfer-config, e.g. LMCache's LMCacheMPConnector)")
+        self.admission = Admission(scheduler, self.book, self.usable_blocks, host_tier=config.host_tier)
         self.api = ClaimApi(scheduler, self.book, self.admission, config, usable_blocks=self.usable_blocks,
                             budget=self.budget, unsupported=self.unsupported)
+        self.admission.take_fault = self.api.take_fault
 
     def handle(self, op: str, payload: dict, engine: Any) -> dict | Future:
         return self.api.handle(op, payload, engine)

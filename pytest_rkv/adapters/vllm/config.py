@@ -27,6 +27,14 @@ class AdapterConfig:
     materialize_timeout_s: float = 120.0
     # How long any other claim operation waits for the engine thread.
     call_timeout_s: float = 30.0
+    # The KV connector vLLM was started with (`--kv-transfer-config`) is a host tier that
+    # stores every computed block and loads it back (LMCache's `LMCacheMPConnector`, with
+    # its chunk size equal to vLLM's block size): demotable hard claims are then demoted to
+    # it under pressure instead of refusing, and restored before reuse. Off: no demotion.
+    host_tier: bool = False
+    # With tenants (RKV_TOKENS in the API server's environment): what one tenant's claims
+    # may hold together, in blocks (None: only the global budget binds).
+    tenant_budget_blocks: int | None = None
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> AdapterConfig:

@@ -23,6 +23,13 @@ ErrorResponse the claim book built, naming the blocking claims and the block ari
 anything else the `rkv` record (`reuse`, `failures`). Streamed answers carry the record on
 their last event and answer a refusal with 409 too (streaming.py). Claims may be made from
 chat messages, rendered as chat requests render them (chat.py).
+
+Tenants (RKV API v1.1): with `RKV_TOKENS` ("token=tenant,...") in the server's environment,
+every route needs `Authorization: Bearer <token>`, checked here by the same rules as the
+reference server (`pytest_rkv.reference.tenants`); the engine side gets only the tenant's
+name (`payload["_tenant"]`) and scopes claims, events and budgets by it (api.py). A tenant's
+completions are salted with its name (`cache_salt`), so tenants share no cached blocks.
+Reset and fault injection then need `RKV_ADMIN_TOKEN`.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ from pydantic import BaseModel, ValidationError
 from pytest_rkv.adapters.vllm import ENGINE_METHOD, PLUGIN_NAME, chat, streaming
 from pytest_rkv.adapters.vllm.config import AdapterConfig
 from pytest_rkv.contract import EVENT_PAGE_LIMIT, ClaimRequest, FaultRequest
+from pytest_rkv.reference.tenants import AuthError, Caller, Tenancy
+
+_AUTH_TYPES = {401: "unauthorized", 403: "forbidden", 501: "unsupported"}
 
 
 def _error(status: int, type_: str, message: str, **extra: Any) -> dict:
@@ -66,13 +76,15 @@ class Bridge:
         self.engine_client = engine_client
         self.config = config
 
-    async def call(self, op: str, payload: dict | None = None, timeout: float | None = None) -> dict:
+    async def call(self, op: str, payload: dict | None = None, timeout: float | None = None,
+                   caller: Caller | None = None) -> dict:
         core = getattr(self.engine_client, "engine_core", None)
         if core is None:
             return _error(501, "unsupported", "this vLLM server has no engine to hold claims")
+        payload = {**(payload or {}), "_tenant": caller.tenant if caller is not None else None}
         try:
             return await asyncio.wait_for(
-                core.call_utility_async(ENGINE_METHOD, op, payload or {}),
+                core.call_utility_async(ENGINE_METHOD, op, payload),
                 timeout or self.config.call_timeout_s,
             )
         except TimeoutError:
@@ -83,6 +95,19 @@ class Bridge:
 
 def _bridge(raw: Request) -> Bridge:
     return raw.app.state.rkv_bridge
+
+
+def _caller(raw: Request, admin: bool = False) -> Caller | dict:
+    """Who is calling (AuthError as an error reply). `admin`: the route needs the admin
+    token once the server has tenants or an admin token."""
+    tenancy: Tenancy = raw.app.state.rkv_tenancy
+    try:
+        caller = tenancy.caller(raw.headers.get("authorization"))
+        if admin and (tenancy.enabled or tenancy.admin_token is not None):
+            tenancy.admin(caller)
+    except AuthError as exc:
+        return _error(exc.status, _AUTH_TYPES[exc.status], str(exc))
+    return caller
 
 
 async def _parse(raw: Request, model: type[BaseModel]) -> BaseModel | dict:
@@ -98,31 +123,54 @@ def build_router() -> APIRouter:
 
     @router.get("/v1/kv/info")
     async def kv_info(raw: Request):
-        return _respond(await _bridge(raw).call("info"))
+        caller = _caller(raw)
+        if isinstance(caller, dict):
+            return _respond(caller)
+        answer = await _bridge(raw).call("info", caller=caller)
+        if answer["status"] == 200:
+            answer["body"]["tenancy"] = raw.app.state.rkv_tenancy.enabled
+        return _respond(answer)
 
     @router.post("/v1/kv/claims")
     async def kv_create_claim(raw: Request):
+        caller = _caller(raw)
+        if isinstance(caller, dict):
+            return _respond(caller)
         req = await _parse_claim(raw)
         if isinstance(req, dict):
             return _respond(req)
+        if caller.tenant is not None and req.tenant not in (None, caller.tenant):
+            return _respond(_error(403, "forbidden", f"tenant {req.tenant!r} is not the tenant of this token"))
         bridge = _bridge(raw)
         return _respond(await bridge.call("claim", req.model_dump(mode="json"),
-                                          timeout=bridge.config.materialize_timeout_s))
+                                          timeout=bridge.config.materialize_timeout_s, caller=caller))
 
     @router.get("/v1/kv/claims")
     async def kv_list_claims(raw: Request):
-        return _respond(await _bridge(raw).call("list"))
+        caller = _caller(raw)
+        if isinstance(caller, dict):
+            return _respond(caller)
+        return _respond(await _bridge(raw).call("list", caller=caller))
 
     @router.get("/v1/kv/claims/{claim_id}")
     async def kv_get_claim(claim_id: str, raw: Request):
-        return _respond(await _bridge(raw).call("get", {"claim_id": claim_id}))
+        caller = _caller(raw)
+        if isinstance(caller, dict):
+            return _respond(caller)
+        return _respond(await _bridge(raw).call("get", {"claim_id": claim_id}, caller=caller))
 
     @router.delete("/v1/kv/claims/{claim_id}")
     async def kv_release_claim(claim_id: str, raw: Request):
-        return _respond(await _bridge(raw).call("release", {"claim_id": claim_id}))
+        caller = _caller(raw)
+        if isinstance(caller, dict):
+            return _respond(caller)
+        return _respond(await _bridge(raw).call("release", {"claim_id": claim_id}, caller=caller))
 
     @router.get("/v1/kv/events")
     async def kv_events(raw: Request):
+        caller = _caller(raw)
+        if isinstance(caller, dict):
+            return _respond(caller)
         query = {}
         for name, default, least, most in (("after", 0, 0, None), ("limit", EVENT_PAGE_LIMIT, 1, EVENT_PAGE_LIMIT)):
             try:
@@ -133,22 +181,31 @@ def build_router() -> APIRouter:
                 bounds = f"an integer >= {least}" + (f" and <= {most}" if most is not None else "")
                 return _respond(_error(422, "invalid_request", f"{name}: must be {bounds}",
                                        fields=[{"loc": ["query", name], "msg": f"must be {bounds}"}]))
-        return _respond(await _bridge(raw).call("events", query))
+        return _respond(await _bridge(raw).call("events", query, caller=caller))
 
     @router.get("/v1/kv/pool")
     async def kv_pool(raw: Request):
-        return _respond(await _bridge(raw).call("pool"))
+        caller = _caller(raw)
+        if isinstance(caller, dict):
+            return _respond(caller)
+        return _respond(await _bridge(raw).call("pool", caller=caller))
 
     @router.post("/v1/kv/reset")
     async def kv_reset(raw: Request):
-        return _respond(await _bridge(raw).call("reset"))
+        caller = _caller(raw, admin=True)
+        if isinstance(caller, dict):
+            return _respond(caller)
+        return _respond(await _bridge(raw).call("reset", caller=caller))
 
     @router.post("/v1/kv/faults")
     async def kv_faults(raw: Request):
+        caller = _caller(raw, admin=True)
+        if isinstance(caller, dict):
+            return _respond(caller)
         req = await _parse(raw, FaultRequest)
         if isinstance(req, dict):
             return _respond(req)
-        return _respond(await _bridge(raw).call("fault", req.model_dump(mode="json")))
+        return _respond(await _bridge(raw).call("fault", req.model_dump(mode="json"), caller=caller))
 
     @router.post("/v1/completions")
     async def completions(raw: Request):
@@ -203,6 +260,9 @@ async def _parse_claim(raw: Request) -> ClaimRequest | dict:
 async def _generate(raw: Request, request_model: type, handler: Any, method: str):
     """A completion or chat completion through vLLM's serving object, with the contract's
     fields around it (see the module docstring)."""
+    caller = _caller(raw)
+    if isinstance(caller, dict):
+        return _respond(caller)
     got = await _json_object(raw)
     if got["status"] != 200:
         return _respond(got)
@@ -212,13 +272,19 @@ async def _generate(raw: Request, request_model: type, handler: Any, method: str
     request_id = str(body.get("request_id") or f"rkv-{uuid.uuid4().hex[:16]}")
     body["request_id"] = request_id
     if claim_id is not None:
-        found = await bridge.call("get", {"claim_id": str(claim_id)})
+        found = await bridge.call("get", {"claim_id": str(claim_id)}, caller=caller)
         if found["status"] != 200:
             return _respond(found)
     xargs = dict(body.get("vllm_xargs") or {})
     xargs["rkv_request_id"] = request_id
     if claim_id is not None:
         xargs["rkv_claim_id"] = str(claim_id)
+    if caller.tenant is not None:
+        # The tenant's own cache: its name salts every block hash (the client's salt, if
+        # any, after it), as claims are salted (api.py), so tenants share no blocks.
+        xargs["rkv_tenant"] = caller.tenant
+        salt = body.get("cache_salt")
+        body["cache_salt"] = caller.tenant if not salt else f"{caller.tenant}:{salt}"
     body["vllm_xargs"] = xargs
     try:
         vreq = request_model.model_validate(body)
@@ -228,7 +294,12 @@ async def _generate(raw: Request, request_model: type, handler: Any, method: str
     tap = None
     if getattr(vreq, "stream", False):
         handler, tap = streaming.tapped(handler)
-    result = await getattr(handler, method)(vreq, raw)
+    try:
+        result = await getattr(handler, method)(vreq, raw)
+    except Exception as exc:  # noqa: BLE001 - what vLLM's own exception handler would answer
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+        result = create_error_response(exc)
     if _is_error(result):
         return _vllm_error(result, request_id)
     if tap is not None and not isinstance(result, BaseModel):
@@ -244,8 +315,14 @@ def _is_error(result: Any) -> bool:
 
 def _vllm_error(result: Any, request_id: str) -> JSONResponse:
     err = result.error
-    kind = ("capacity" if err.code == 400 and "maximum context length" in err.message.lower()
-            else "invalid_request")
+    if err.code == 400 and "maximum context length" in err.message.lower():
+        kind = "capacity"
+    elif err.code == 501:
+        kind = "unsupported"
+    elif err.code >= 500:
+        kind = "internal"
+    else:
+        kind = "invalid_request"
     return JSONResponse({"error": {"type": kind, "message": err.message, "reason": err.type,
                                    "request_id": request_id}}, status_code=err.code)
 
@@ -287,3 +364,4 @@ class RkvEndpointPlugin:
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         config = AdapterConfig.from_additional_config(getattr(args, "additional_config", None))
         state.rkv_bridge = Bridge(engine_client, config)
+        state.rkv_tenancy = Tenancy.from_env()  # ValueError on a malformed RKV_TOKENS: no start

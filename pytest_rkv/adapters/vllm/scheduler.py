@@ -66,6 +66,13 @@ class RkvScheduler(Scheduler):
         # An instance attribute on the manager this scheduler owns: vLLM's scheduler calls
         # `self.kv_cache_manager.allocate_slots(...)`, so admission goes through the claims.
         manager.allocate_slots = functools.partial(self._rkv_allocate, manager.allocate_slots)
+        if config.host_tier:
+            # Same pattern on the KV connector this scheduler owns: vLLM asks it how many
+            # tokens it can load for a fresh request; only a claim's restore may load
+            # (`Admission.allow_load`), otherwise the answer is "none".
+            connector = self.connector
+            connector.get_num_new_matched_tokens = functools.partial(
+                self._rkv_matched_tokens, connector.get_num_new_matched_tokens)
         logger.info(
             "RKV adapter %s active: %d usable blocks of %d tokens, claim budget %d blocks%s",
             ADAPTER_VERSION, self.rkv.usable_blocks, self.rkv.block_size, self.rkv.budget,
@@ -81,6 +88,12 @@ class RkvScheduler(Scheduler):
             return admission.allocate_followed(orig, request, num_new_tokens, args, kwargs)
         return orig(request, num_new_tokens, *args, **kwargs)
 
+    def _rkv_matched_tokens(self, orig, request, num_computed_tokens):
+        tokens, load_async = orig(request, num_computed_tokens)
+        if tokens and not self.rkv.admission.allow_load(request):
+            return 0, False
+        return tokens, load_async
+
     def add_request(self, request) -> None:
         super().add_request(request)
         self.rkv.admission.on_add(request)
@@ -95,6 +108,11 @@ class RkvScheduler(Scheduler):
         admission = self.rkv.admission
         if admission.mat:
             admission.pin_materialized(scheduler_output)
+        if admission.storing:
+            sent = getattr(model_runner_output.kv_connector_output, "finished_sending", None) \
+                if model_runner_output.kv_connector_output is not None else None
+            if sent:
+                admission.stores_completed(set(sent))
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if admission.engaged:
             admission.after_update(outputs)
