@@ -21,6 +21,7 @@ from typing import ClassVar
 
 from pytest_rkv.contract import Depth
 from pytest_rkv.drivers.process import ManagedProcess
+from pytest_rkv.drivers.vllm import build as build_mod
 from pytest_rkv.drivers.vllm import lmcache as tier_mod
 from pytest_rkv.drivers.vllm import server as server_mod
 from pytest_rkv.drivers.vllm.driver import VllmDriver
@@ -41,6 +42,7 @@ class LmcacheTier:
     lmcache_version: str | None = None
     tier_instances: list | None = None
     tier_startup_seconds: float | None = None
+    tier_chunk_is_block: bool = False  # LMCache's chunk = vLLM's block (the claims adapter's predicate)
 
     def start(self) -> None:
         self.lmcache_version = tier_mod.require_installed()
@@ -49,6 +51,7 @@ class LmcacheTier:
         self.tier_plan = tier_mod.plan_tier(
             workdir=workdir, zmq_port=server_mod.free_port(), http_port=server_mod.free_port(),
             base_env=self._server_base_env(), marker_env=server_mod.MARKER_ENV,
+            chunk_tokens=self._tier_block_size() if self.tier_chunk_is_block else None,
         )
         began = time.monotonic()
         self.tier = tier_mod.launch(self.tier_plan, timeout=self.settings.startup_timeout)
@@ -61,6 +64,10 @@ class LmcacheTier:
         except BaseException:
             self.stop()
             raise
+
+    def _tier_block_size(self) -> int:
+        """vLLM's block size as the driver will choose it (before vLLM's start sets it)."""
+        return self.settings.block_size or build_mod.detect().default_block_size
 
     def _wait_attached(self) -> list:
         deadline = time.monotonic() + ATTACH_TIMEOUT

@@ -17,11 +17,14 @@ substrate tests measure vLLM, not the adapter). Its depth is "adapter": a full p
 
 What stays unsupported on vLLM's CPU build: demotion (vLLM's KV offload worker needs
 CUDA or XPU), hence also the restore-failure probe; `/v1/kv/info` says `demotion: false`.
+With LMCache as the host tier it is supported: `vllm+rkv+lmcache` (vllm_rkv_lmcache.py).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import secrets
 import time
 from dataclasses import replace
 from typing import ClassVar
@@ -46,16 +49,23 @@ from pytest_rkv.contract import (
 )
 from pytest_rkv.drivers.base import DriverSettings, Reply
 from pytest_rkv.drivers.http import RkvHttpDriver, parse_reply
+from pytest_rkv.drivers.reference import TENANT_BUDGET_BLOCKS, TENANTS
 from pytest_rkv.drivers.vllm.answers import completion_body
 from pytest_rkv.drivers.vllm.driver import VllmDriver
 from pytest_rkv.errors import HarnessError, ServerStartError
+from pytest_rkv.reference.tenants import ADMIN_TOKEN_ENV, TOKENS_ENV
 
 RESET_TIMEOUT = 30.0
 ENDPOINT_GROUP = "vllm.endpoint_plugins"
 
 
-def adapter_config(*, fault_injection: bool = True, claim_budget_blocks: int | None = None) -> dict:
+def adapter_config(*, fault_injection: bool = True, claim_budget_blocks: int | None = None,
+                   host_tier: bool = False, tenant_budget_blocks: int | None = TENANT_BUDGET_BLOCKS) -> dict:
     config: dict = {"fault_injection": fault_injection}
+    if tenant_budget_blocks is not None:
+        config["tenant_budget_blocks"] = tenant_budget_blocks
+    if host_tier:
+        config["host_tier"] = True
     if claim_budget_blocks is not None:
         config["claim_budget_blocks"] = claim_budget_blocks
     return {CONFIG_KEY: config}
@@ -109,21 +119,33 @@ class VllmRkvDriver(VllmDriver):
     name: ClassVar[str] = "vllm+rkv"
     depth: ClassVar[Depth] = "adapter"
 
+    host_tier: ClassVar[bool] = False  # the adapter demotes to a host tier (vllm+rkv+lmcache)
+
     def __init__(self, settings: DriverSettings, *, extra_server_args: tuple[str, ...] = ()) -> None:
-        super().__init__(settings, extra_server_args=(*adapter_server_args(), *extra_server_args))
+        config = adapter_config(host_tier=self.host_tier)
+        super().__init__(settings, extra_server_args=(*adapter_server_args(config), *extra_server_args))
         self.rkv: RkvHttpDriver | None = None
         self.adapter: dict | None = None
+        self.tokens: tuple[str, ...] = ()  # tenant A's and B's bearer tokens, fresh per start
+        self.admin_token: str | None = None
 
     # -- life cycle ------------------------------------------------------------------
     def start(self) -> None:
         problem = endpoint_plugin_problem()
         if problem is not None:
             raise ServerStartError(f"the RKV adapter cannot be loaded into vLLM: {problem}")
+        # Two tenants and the admin, fresh secrets per start, handed to the server in its
+        # environment (never on the command line, which `ps` and the evidence show). The
+        # suite calls as tenant A; `other_tenant()` is tenant B.
+        self.tokens = tuple(secrets.token_urlsafe(16) for _ in TENANTS)
+        self.admin_token = secrets.token_urlsafe(16)
+        self.http.headers["Authorization"] = f"Bearer {self.tokens[0]}"
         super().start()
         assert self.plan is not None
         try:
-            self.rkv = RkvHttpDriver(replace(self.settings, url=self.plan.base_url))
-            self.rkv.http = self.http  # one connection pool for both
+            self.rkv = RkvHttpDriver(replace(self.settings, url=self.plan.base_url, tenant_tokens=self.tokens,
+                                             admin_token=self.admin_token))
+            self.rkv.http = self.http  # one connection pool for both (tenant A's)
             resp = self._request("GET", "/v1/kv/info", timeout=10)
             if resp.status_code == 404:
                 raise ServerStartError(
@@ -145,6 +167,9 @@ class VllmRkvDriver(VllmDriver):
         to vLLM's `VLLM_PLUGINS` allowlist."""
         env = super()._server_base_env()
         env["VLLM_PLUGINS"] = plugins_env(env.get("VLLM_PLUGINS"))
+        if self.tokens:
+            env[TOKENS_ENV] = ",".join(f"{t}={n}" for t, n in zip(self.tokens, TENANTS))
+            env[ADMIN_TOKEN_ENV] = self.admin_token or ""
         return env
 
     def describe(self) -> dict:
@@ -157,7 +182,8 @@ class VllmRkvDriver(VllmDriver):
             "scheduler_cls": SCHEDULER_CLS,
             "endpoint_plugin": PLUGIN_NAME,
             "claim_budget_blocks": (self.adapter or {}).get("claim_budget_blocks"),
-            "demotion": f"unsupported: {DEMOTION_UNSUPPORTED}",
+            "demotion": "to the host tier (LMCache)" if self.host_tier else f"unsupported: {DEMOTION_UNSUPPORTED}",
+            "tenancy": f"bearer tokens, tenants {', '.join(TENANTS)}, {TENANT_BUDGET_BLOCKS}-block tenant budget",
         })
         return facts
 
@@ -170,7 +196,8 @@ class VllmRkvDriver(VllmDriver):
         answers 409 while a request still holds blocks, so it is retried."""
         deadline = time.monotonic() + RESET_TIMEOUT
         while True:
-            reply = self._rkv()._call("POST", "/v1/kv/reset", PoolState)
+            rkv = self._rkv()
+            reply = rkv._call("POST", "/v1/kv/reset", PoolState, headers=rkv._admin_headers())
             if reply.ok:
                 pool = reply.value
                 break
@@ -193,6 +220,13 @@ class VllmRkvDriver(VllmDriver):
 
     def list_claims(self) -> list[Claim]:
         return self._rkv().list_claims()
+
+    def other_tenant(self) -> "VllmRkvDriver":
+        """Tenant B on the same server: completions and claim calls with B's token."""
+        theirs = self._rkv().other_tenant()
+        view = copy.copy(self)
+        view.http, view.rkv = theirs.http, theirs
+        return view
 
     def events(self, after: int = 0) -> list[Event]:
         return self._rkv().events(after)

@@ -1,4 +1,5 @@
-"""No LMCache or vLLM process outlives a failed start or a Ctrl-C of `vllm+lmcache`.
+"""No LMCache or vLLM process outlives a failed start or a Ctrl-C of `vllm+lmcache` or of
+`vllm+rkv+lmcache` (the claims adapter with the same tier, started by the same mixin).
 
 Uses the REAL servers: LMCache's MP cache server and vLLM with its connector. The
 processes of a run are found as in test_vllm_lifecycle.py (the `RKV_VLLM_WORKDIR` marker
@@ -21,6 +22,7 @@ psutil = pytest.importorskip("psutil")  # comes with vLLM
 from pytest_rkv.drivers.base import DriverSettings  # noqa: E402
 from pytest_rkv.drivers.vllm import lmcache as tier_mod  # noqa: E402
 from pytest_rkv.drivers.vllm_lmcache import VllmLmcacheDriver  # noqa: E402
+from pytest_rkv.drivers.vllm_rkv_lmcache import VllmRkvLmcacheDriver  # noqa: E402
 from pytest_rkv.errors import ServerStartError  # noqa: E402
 from tests.vllm.test_vllm_lifecycle import (  # noqa: E402
     RunProcesses,
@@ -66,9 +68,13 @@ def test_tier_that_cannot_start_raises_and_leaves_nothing(run, monkeypatch):
     driver.stop()
 
 
-def test_vllm_that_fails_after_the_tier_started_leaves_neither(run):
+BOTH = pytest.mark.parametrize("driver_cls", [VllmLmcacheDriver, VllmRkvLmcacheDriver], ids=lambda c: c.name)
+
+
+@BOTH
+def test_vllm_that_fails_after_the_tier_started_leaves_neither(run, driver_cls):
     """The tier is up, then vLLM dies on an impossible block size: both are gone."""
-    driver = VllmLmcacheDriver(DriverSettings(workdir=run.workdir, block_size=16, startup_timeout=300))
+    driver = driver_cls(DriverSettings(workdir=run.workdir, block_size=16, startup_timeout=300))
     with pytest.raises(ServerStartError, match="vLLM server exited with code"):
         driver.start()
     assert "Application startup complete" in (run.workdir / tier_mod.LOG_NAME).read_text(errors="replace")
@@ -79,19 +85,21 @@ def test_vllm_that_fails_after_the_tier_started_leaves_neither(run):
 INNER_TEST = textwrap.dedent('''
     import os, pathlib, time
     from pytest_rkv.drivers.base import DriverSettings
-    from pytest_rkv.drivers.vllm_lmcache import VllmLmcacheDriver
+    from {module} import {cls}
 
     def test_hold_a_server():
         workdir = pathlib.Path(os.environ["RKV_LIFECYCLE_WORKDIR"])
-        driver = VllmLmcacheDriver(DriverSettings(workdir=workdir, startup_timeout=900))
+        driver = {cls}(DriverSettings(workdir=workdir, startup_timeout=900))
         driver.start()  # deliberately no try/finally: the driver's own backstops must act
         (workdir / "READY").write_text(str(driver.server.pid))
         time.sleep(600)
 ''')
 
 
-def test_ctrl_c_while_both_servers_run_leaves_nothing(run, monkeypatch):
-    monkeypatch.setattr("tests.vllm.test_vllm_lifecycle.INNER_TEST", INNER_TEST)
+@BOTH
+def test_ctrl_c_while_both_servers_run_leaves_nothing(run, monkeypatch, driver_cls):
+    monkeypatch.setattr("tests.vllm.test_vllm_lifecycle.INNER_TEST",
+                        INNER_TEST.format(module=driver_cls.__module__, cls=driver_cls.__name__))
     inner = start_inner_pytest(run)
     try:
         wait_for(lambda: (run.workdir / "READY").exists(), 900, "vLLM + LMCache to be ready", inner)

@@ -83,7 +83,10 @@ def require_installed() -> str:
 
 
 def plan_tier(*, workdir: Path, zmq_port: int, http_port: int, base_env: Mapping[str, str],
-              marker_env: str, python: str = sys.executable) -> TierPlan:
+              marker_env: str, python: str = sys.executable, chunk_tokens: int | None = None) -> TierPlan:
+    """The server's command line. `chunk_tokens`: LMCache's chunk size (default 256); the
+    claims adapter sets it to vLLM's block size, so the tier stores every whole block of a
+    claim and a demoted claim's predicate is exact (with 256, a 60-block claim keeps 56)."""
     argv = [
         python, "-m", SERVER_MODULE,
         "--host", HOST, "--port", str(zmq_port),
@@ -94,6 +97,8 @@ def plan_tier(*, workdir: Path, zmq_port: int, http_port: int, base_env: Mapping
         "--kv-event-log-size", "0",
         "--disable-metrics",
     ]
+    if chunk_tokens is not None:
+        argv += ["--chunk-size", str(chunk_tokens)]
     env = dict(base_env)
     env.update({"PYTHONUNBUFFERED": "1", marker_env: str(workdir)})
     return TierPlan(argv=argv, env=env, zmq_port=zmq_port, http_port=http_port,
