@@ -372,3 +372,43 @@ def test_event_pages_keep_to_their_limit(engine):
     assert [e["seq"] for e in rest["events"]] == trace[2:] and rest["more"] is False
     assert first["oldest_seq"] == trace[0] and rest["last_seq"] == trace[-1]
     assert (empty["events"], empty["more"], empty["last_seq"]) == ([], False, trace[-1])
+
+
+# -- tenants (the endpoint plugin passes the caller's tenant as `_tenant`) ---------------
+
+
+def test_a_tenant_sees_only_its_own_claims_events_and_budget(model_dir):
+    engine = make_engine(model_dir, rkv={"tenant_budget_blocks": 30})
+    mine = engine.call("claim", prompt_token_ids=tokens("tenant-a", 10), _tenant="a")["body"]
+    cid = mine["claim_id"]
+    assert (mine["tenant"], mine["state"]) == ("a", "resident")
+    assert engine.call("get", claim_id=cid, _tenant="b")["status"] == 404
+    assert engine.call("release", claim_id=cid, _tenant="b")["status"] == 404
+    assert engine.call("list", _tenant="b")["body"]["claims"] == []
+    theirs_pool = engine.call("pool", _tenant="b")["body"]
+    assert theirs_pool["claimed_blocks"] == {} and theirs_pool["tenant_budget_blocks"] == 30
+    assert engine.call("events", after=0, _tenant="b")["body"]["events"] == []
+    assert [e["claim_id"] for e in engine.call("events", after=0, _tenant="a")["body"]["events"]] == [cid, cid]
+    over = engine.call("claim", prompt_token_ids=tokens("tenant-a-more", 21), _tenant="a")
+    assert over["status"] == 409 and over["body"]["error"]["reason"].startswith("tenant claim budget: tenant a holds 10")
+    assert engine.call("get", claim_id=cid, _tenant="a")["body"]["state"] == "resident"
+
+
+def test_another_tenant_s_blocking_claim_is_counted_not_named(model_dir):
+    engine = make_engine(model_dir)
+    cid = engine.call("claim", prompt_token_ids=tokens("resident", 60), _tenant="a")["body"]["claim_id"]
+    out = engine.run("theirs", tokens("active", 70), tenant="b")
+    refusal = out.kv_transfer_params["rkv"]["refused"]
+    assert (refusal["blocking_claims"], refusal["claimed_blocks"]) == ([], {"(another tenant)": 60})
+    assert cid not in refusal["message"]
+    seen = engine.call("events", after=0, _tenant="b")["body"]["events"]
+    assert [(e["type"], e["blocking_claims"]) for e in seen] == [("request.refused", [])]
+
+
+def test_two_tenants_with_one_prompt_share_no_block(model_dir):
+    engine = make_engine(model_dir)
+    engine.call("claim", prompt_token_ids=tokens("same", 10), _tenant="a")
+    out = engine.run("b-same", tokens("same", 10, 1), tenant="b")
+    assert cached_tokens(out) == 0 and out.kv_transfer_params is None  # no reuse record: nothing reused
+    again = engine.run("a-same", tokens("same", 10, 1), tenant="a")
+    assert [r["tokens"] for r in again.kv_transfer_params["rkv"]["reuse"]] == [10 * BS]

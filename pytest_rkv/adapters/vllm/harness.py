@@ -121,17 +121,23 @@ class StepLoop:
             self.step()
         return reply.result() if isinstance(reply, Future) else reply
 
-    def request(self, rid: str, toks: list[int], max_tokens: int = 1, rkv: bool = True) -> Any:
+    def request(self, rid: str, toks: list[int], max_tokens: int = 1, rkv: bool = True,
+                tenant: str | None = None) -> Any:
+        """A request as the endpoint plugin submits it (a tenant's: salted with its name)."""
         extra = {"rkv_request_id": rid} if rkv else None
+        if extra is not None and tenant is not None:
+            extra["rkv_tenant"] = tenant
         params = self._SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra)
-        return self._Request(rid, toks, params, None, block_hasher=self.request_block_hasher)
+        return self._Request(rid, toks, params, None, cache_salt=tenant, block_hasher=self.request_block_hasher)
 
-    def submit(self, rid: str, toks: list[int], max_tokens: int = 1, rkv: bool = True) -> None:
-        self.scheduler.add_request(self.request(rid, toks, max_tokens, rkv))
+    def submit(self, rid: str, toks: list[int], max_tokens: int = 1, rkv: bool = True,
+               tenant: str | None = None) -> None:
+        self.scheduler.add_request(self.request(rid, toks, max_tokens, rkv, tenant))
 
-    def run(self, rid: str, toks: list[int], max_tokens: int = 1, steps: int = 10) -> Any:
+    def run(self, rid: str, toks: list[int], max_tokens: int = 1, steps: int = 10,
+            tenant: str | None = None) -> Any:
         """Submit and step until the request's final output; that output (or None)."""
-        self.submit(rid, toks, max_tokens)
+        self.submit(rid, toks, max_tokens, tenant=tenant)
         for _ in range(steps):
             self.step()
             final = [o for o in self.outputs.get(rid, []) if o.finish_reason is not None]
