@@ -62,8 +62,14 @@ def _workload(round_no: int, n: int, groups: int = 4) -> list[list[int]]:
     return prompts
 
 
+def _auth(driver) -> dict:
+    """The driver's own credentials (the adapter's server has tenants: tenant A's token)."""
+    token = driver.http.headers.get("Authorization")
+    return {"Authorization": token} if token else {}
+
+
 def _run_round(base_url: str, served: str, prompts: list[list[int]], max_tokens: int,
-               concurrency: int, tag: str) -> dict:
+               concurrency: int, tag: str, headers: dict | None = None) -> dict:
     import requests
 
     from pytest_rkv.contract import CompletionRequest
@@ -78,7 +84,7 @@ def _run_round(base_url: str, served: str, prompts: list[list[int]], max_tokens:
         body = completion_body(CompletionRequest(prompt=prompts[i], max_tokens=max_tokens,
                                                  request_id=f"{tag}-{i}"), served)
         began = time.perf_counter()
-        resp = session.post(base_url + "/v1/completions", json=body, timeout=120)
+        resp = session.post(base_url + "/v1/completions", json=body, timeout=120, headers=headers)
         took = time.perf_counter() - began
         resp.raise_for_status()
         return took, resp.json()["usage"]["completion_tokens"]
@@ -143,7 +149,7 @@ def _paired(drivers: dict, args: argparse.Namespace) -> dict:
         body = completion_body(CompletionRequest(prompt=prompts[i], max_tokens=args.max_tokens,
                                                  request_id=f"pair-{name}-{i}"), d.model.served_name)
         began = time.perf_counter()
-        resp = session.post(d.plan.base_url + "/v1/completions", json=body, timeout=120)
+        resp = session.post(d.plan.base_url + "/v1/completions", json=body, timeout=120, headers=_auth(d))
         lat[name][i] = time.perf_counter() - began
         resp.raise_for_status()
 
@@ -206,7 +212,8 @@ def live(args: argparse.Namespace) -> dict:
                 waited_quiet += _wait_quiet(args.quiet, args.quiet_timeout)
                 d = drivers[name]
                 parts[name].append(_run_round(d.plan.base_url, d.model.served_name, halves[half],
-                                              args.max_tokens, args.concurrency, f"{name}-r{r}-{half}"))
+                                              args.max_tokens, args.concurrency, f"{name}-r{r}-{half}",
+                                              headers=_auth(d)))
             entry = {"round": r, "order": f"{a[0]}{b[0]}{b[0]}{a[0]}".upper()}
             for name, got in parts.items():
                 wall = sum(g["wall_s"] for g in got)

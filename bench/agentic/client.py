@@ -155,8 +155,9 @@ class SegmentLog:
 class Endpoint:
     """One server's base URL and served model name; a requests.Session per thread."""
 
-    def __init__(self, base_url: str, served_name: str) -> None:
+    def __init__(self, base_url: str, served_name: str, authorization: str | None = None) -> None:
         self.base_url, self.served_name = base_url, served_name
+        self.authorization = authorization  # the adapter's servers have tenants: a tenant's token
         self._local = threading.local()
 
     @property
@@ -164,6 +165,8 @@ class Endpoint:
         s = getattr(self._local, "s", None)
         if s is None:
             s = self._local.s = requests.Session()
+            if self.authorization:
+                s.headers["Authorization"] = self.authorization
         return s
 
     def body(self, prompt: list[int], max_tokens: int, request_id: str) -> dict:

@@ -108,7 +108,7 @@ def run_segment(driver, config: configs_mod.Configuration, workload, seg_no: int
         rkv_mark = max((e.seq for e in driver.events(0)), default=0)
     kv_mark = len(driver.subscriber.events())
     counters_before = _counters(driver)
-    ep = Endpoint(driver.plan.base_url, driver.model.served_name)
+    ep = Endpoint(driver.plan.base_url, driver.model.served_name, driver.http.headers.get("Authorization"))
     log = SegmentLog()
     stop = threading.Event()
     agents = [AgentRunner(ep, workload, a, tag, log, config.claim, policy, stop)

@@ -42,7 +42,8 @@ def server(tmp_path_factory):
 @pytest.fixture
 def client(server):
     server.reset()
-    return openai.OpenAI(base_url=f"{server.plan.base_url}/v1", api_key="unused", max_retries=0)
+    # tenant A's token: the driver starts the server with two tenants (RKV_TOKENS)
+    return openai.OpenAI(base_url=f"{server.plan.base_url}/v1", api_key=server.tokens[0], max_retries=0)
 
 
 @pytest.fixture
@@ -235,6 +236,7 @@ def test_the_documented_client_calls_run_as_shown(server, client, model, capsys)
     block = re.search(r"```python\n(from openai import OpenAI\n.*?)```", DOC.read_text(), re.DOTALL)
     assert block, "docs/vllm-adapter.md lost its OpenAI client example"
     code = block.group(1)
-    exec(compile(code, str(DOC), "exec"), {"BASE_URL": server.plan.base_url, "MODEL": model})
+    exec(compile(code, str(DOC), "exec"), {"BASE_URL": server.plan.base_url, "MODEL": model,
+                                           "API_KEY": server.tokens[0]})
     printed = capsys.readouterr().out.splitlines()
     assert printed == documented_outputs(code) and len(printed) == 3

@@ -28,7 +28,7 @@ def client(tmp_path_factory):
                            extra_server_args=("--skip-tokenizer-init",))
     driver.start()
     try:
-        yield openai.OpenAI(base_url=f"{driver.plan.base_url}/v1", api_key="unused", max_retries=0)
+        yield openai.OpenAI(base_url=f"{driver.plan.base_url}/v1", api_key=driver.tokens[0], max_retries=0)
     finally:
         driver.stop()
 
