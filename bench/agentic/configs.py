@@ -46,9 +46,11 @@ def configurations(ttl_s: float) -> dict[str, Configuration]:
 
 # Named here so the README and the JSON say what is missing, and why.
 PENDING: dict[str, str] = {
-    "lmcache": "stock vLLM + LMCache CPU tier: needs the `vllm+lmcache` backend (issue 14)",
-    "rkv-demotable-lmcache": "vLLM + RKV adapter with demotable claims on LMCache: needs the "
-                             "adapter's demotion/restore on LMCache (issue 14)",
+    "lmcache": "stock vLLM + LMCache CPU tier: the backend exists (`vllm+lmcache`); the "
+               "configuration is not wired into this benchmark yet",
+    "rkv-demotable-lmcache": "vLLM + RKV adapter with demotable claims on LMCache: the backend "
+                             "exists (`vllm+rkv+lmcache`); the configuration (a demotable claim "
+                             "policy) is not wired into this benchmark yet",
 }
 
 

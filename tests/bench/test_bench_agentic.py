@@ -86,7 +86,7 @@ def test_schedule_alternates_and_shares_servers():
 
 def test_pending_and_unknown_configurations_are_named():
     known = configs.configurations(ttl_s=5)
-    with pytest.raises(ValueError, match="not available yet.*issue 14"):
+    with pytest.raises(ValueError, match="not available yet.*not wired"):
         configs.ordered(["stock", "lmcache"], known)
     with pytest.raises(ValueError, match="unknown configuration"):
         configs.ordered(["nope"], known)
