@@ -196,14 +196,14 @@ def test_demotion_that_takes_a_soft_claim_s_blocks_reports_the_harm(rkv):
 @pytest.mark.rkv_litmus("demotion")
 def test_nested_demoted_claims_are_both_restored_before_reuse(rkv):
     """Two demotable claims, one a prefix of the other, and a request that needs the whole
-    pool (but one block): both are demoted (not refused), and one request on the longer prefix restores
+    pool: both are demoted (not refused), and one request on the longer prefix restores
     both before it reuses them, crediting each with its own blocks."""
     _require_demotion(rkv)
     inner = rkv.accepted("nested", 10, demotable=True)
     outer = rkv.accepted("nested", 20, demotable=True)
-    # One block short of the pool: a prompt of the whole pool leaves no room for the token
-    # it generates (vLLM's longest prompt is the pool). Either claim alone frees too little.
-    _, whole = rkv.run("whole-pool", rkv.info.total_blocks - 1)
+    # The whole pool: a prompt one token short of it, so the token it generates fits too
+    # (vLLM's longest sequence is the pool). Either claim alone frees too little.
+    _, whole = rkv.run("whole-pool", rkv.info.total_blocks - 1, extra_tokens=rkv.block_size - 1)
     states = {c.claim_id: rkv.driver.get_claim(c.claim_id).unwrap() for c in (inner, outer)}
     seen = {k: [v.state.value, v.tier, v.resident_blocks] for k, v in states.items()}
     rkv.record("nested_after_pressure", seen)
