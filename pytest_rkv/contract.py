@@ -214,6 +214,9 @@ class Event(_Model):
 
 
 EVENT_PAGE_LIMIT = 1000  # most events one GET /v1/kv/events returns (its `limit` is 1..this)
+# v1.1: what a tenant sees in place of another tenant's claim or request ids (refusal
+# counts, harm, demotion and eviction events).
+OTHER_TENANTS = "(another tenant)"
 
 
 class ClaimList(_Model):

@@ -35,6 +35,7 @@ from typing import Callable
 from pytest_rkv.contract import (
     EVENT_PAGE_LIMIT,
     EVENT_TRANSITIONS,
+    OTHER_TENANTS,
     TERMINAL_STATES,
     Claim,
     ClaimFailure,
@@ -122,7 +123,6 @@ _EVENT_CONTENT_FAULTS = frozenset({
 })
 
 EVERYONE = "*"  # owner of events every tenant sees (a reset)
-OTHER_TENANTS = "(another tenant)"  # what a tenant sees in place of another's ids
 
 
 class Parked(Exception):

@@ -51,8 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pytest_rkv.adapters.vllm.book import OTHER_TENANTS, Claim, ClaimBook
-from pytest_rkv.contract import ClaimState, EventType
+from pytest_rkv.adapters.vllm.book import Claim, ClaimBook
+from pytest_rkv.contract import OTHER_TENANTS, ClaimState, EventType
 
 GROUP = 0  # the adapter supports exactly one KV cache group (full attention)
 

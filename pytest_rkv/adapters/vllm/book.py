@@ -58,7 +58,6 @@ from pytest_rkv.contract import (
 )
 
 _MASK64 = (1 << 64) - 1
-OTHER_TENANTS = "(another tenant)"  # what a tenant sees in place of another tenant's ids
 
 
 def visible(owner: str | None, tenant: str | None) -> bool:
