@@ -211,6 +211,7 @@ class Event(_Model):
     tier: Tier | None = None
     blocks: int = 0
     block_hashes: list[str] = Field(default_factory=list)
+    worker: str | None = None  # routed runtimes: the worker it happened on
 
 
 EVENT_PAGE_LIMIT = 1000  # most events one GET /v1/kv/events returns (its `limit` is 1..this)

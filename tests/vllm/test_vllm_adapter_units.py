@@ -412,3 +412,25 @@ def test_two_tenants_with_one_prompt_share_no_block(model_dir):
     assert cached_tokens(out) == 0 and out.kv_transfer_params is None  # no reuse record: nothing reused
     again = engine.run("a-same", tokens("same", 10, 1), tenant="a")
     assert [r["tokens"] for r in again.kv_transfer_params["rkv"]["reuse"]] == [10 * BS]
+
+
+def test_a_named_worker_names_itself_in_ids_claims_reuse_and_events(model_dir):
+    """In a routed deployment (`dynamo+rkv`) each engine is told its worker name: ids are
+    then unique across workers, and everything a claim produces says where it lives."""
+    engine = make_engine(model_dir, rkv={"worker": "w1"})
+    claim = engine.call("claim", prompt_token_ids=tokens("named", 10))["body"]
+    assert claim["claim_id"].startswith("w1-claim-") and claim["worker"] == "w1"
+    out = engine.run("named-again", tokens("named", 10, 1))
+    assert [(r["claim_id"], r["worker"]) for r in out.kv_transfer_params["rkv"]["reuse"]] == [(claim["claim_id"], "w1")]
+    events = engine.call("events", after=0)["body"]["events"]
+    assert events and {e["worker"] for e in events} == {"w1"}
+    assert events[0]["request_id"].startswith("w1-claimreq-")
+
+
+def test_an_unnamed_engine_adds_no_worker_field(model_dir):
+    engine = make_engine(model_dir)
+    claim = engine.call("claim", prompt_token_ids=tokens("unnamed", 10))["body"]
+    out = engine.run("unnamed-again", tokens("unnamed", 10, 1))
+    assert claim["worker"] is None and not claim["claim_id"].startswith("w")
+    assert all("worker" not in r for r in out.kv_transfer_params["rkv"]["reuse"])
+    assert all("worker" not in e for e in engine.call("events", after=0)["body"]["events"])

@@ -590,7 +590,8 @@ class Admission:
             if record is not None:
                 record.reuse.append({"claim_id": claim.claim_id, "tokens": claim.num_blocks * self.block_size,
                                      "restored": True,
-                                     "recomputed_tokens": self._recomputed(request, claim, claim.num_blocks)})
+                                     "recomputed_tokens": self._recomputed(request, claim, claim.num_blocks),
+                                     **book.where})
             book.transition(claim, EventType.CLAIM_REUSED, request_id=rid, blocks=claim.num_blocks)
 
     def _fail_restore(self, claim: Claim, vid: str, reason: str, cause: str) -> None:
@@ -625,7 +626,8 @@ class Admission:
             if record is not None:
                 record.reuse.append({"claim_id": claim_id, "tokens": shared * self.block_size,
                                      "restored": False,
-                                     "recomputed_tokens": self._recomputed(request, claim, shared)})
+                                     "recomputed_tokens": self._recomputed(request, claim, shared),
+                                     **self.book.where})
             book.transition(claim, EventType.CLAIM_REUSED, request_id=rid, blocks=shared)
 
     def _recomputed(self, request: Any, claim: Claim, shared: int) -> int:

@@ -105,10 +105,14 @@ class ClaimBook:
     """Claims, pins, the reuse index, the TTL heap and the event log. See the module
     docstring for the invariants."""
 
-    def __init__(self, pool: Any, block_size: int, max_events: int) -> None:
+    def __init__(self, pool: Any, block_size: int, max_events: int, worker: str | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_events = max_events
+        # In a routed deployment, this engine's worker name: ids start with it (so they are
+        # unique across workers) and claims, reuse records and events name it.
+        self.worker = worker
+        self.where: dict[str, str] = {"worker": worker} if worker else {}
         self.inner_collector = pool.metrics_collector  # vLLM's own (normally None)
         self.observer: Any = None  # set by the owner: who watches evictions while pinned
         self.allocating: str | None = None  # vLLM id of the request being allocated, if any
@@ -127,7 +131,8 @@ class ClaimBook:
         self._heap_ids = itertools.count()
 
     def new_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}"
+        n = next(self._ids)
+        return f"{self.worker}-{prefix}-{n}" if self.worker else f"{prefix}-{n}"
 
     def held_blocks(self, owner: str | None = None) -> int:
         """Blocks claimed by live claims (the claim budget's measure), or by one tenant's."""
@@ -137,6 +142,7 @@ class ClaimBook:
     def emit(self, type_: EventType, owner: str | None = None, **fields: Any) -> None:
         event = {"seq": self.next_seq, "ts": time.time(), "type": type_.value, "_owner": owner}
         event.update(fields)
+        event.update(self.where)
         self.next_seq += 1
         self.events.append(event)
         overflow = len(self.events) - self.max_events
@@ -251,7 +257,7 @@ class ClaimBook:
             blocks=claim.num_blocks, tokens=claim.num_blocks * self.block_size,
             prefix_hash=claim.prefix_hash, resident_blocks=len(claim.blocks), tier=claim.tier,
             demotable=claim.demotable, ttl_s=claim.ttl_s, expires_at=claim.expires_at,
-            client_id=claim.client_id, tenant=claim.tenant, reason=claim.reason,
+            client_id=claim.client_id, tenant=claim.tenant, reason=claim.reason, worker=self.worker,
         ).model_dump(mode="json")
 
     def host_blocks(self) -> int:

@@ -41,7 +41,7 @@ class ClaimCore:
         self.usable_blocks: int = pool.num_gpu_blocks - 1  # block 0 is vLLM's null block
         self.budget: int = config.budget_for(self.usable_blocks)
         self.unsupported = unsupported_reason(scheduler)
-        self.book = ClaimBook(pool, self.block_size, config.max_events)
+        self.book = ClaimBook(pool, self.block_size, config.max_events, worker=config.worker)
         if config.host_tier and getattr(scheduler, "connector", None) is None:
             raise ValueError("the RKV adapter's host_tier needs a KV connector that stores and loads "
                              "blocks (--kv-transfer-config, e.g. LMCache's LMCacheMPConnector)")

@@ -35,6 +35,10 @@ class AdapterConfig:
     # With tenants (RKV_TOKENS in the API server's environment): what one tenant's claims
     # may hold together, in blocks (None: only the global budget binds).
     tenant_budget_blocks: int | None = None
+    # In a routed deployment (`dynamo+rkv`): this engine's worker name. Claim and
+    # claim-request ids then start with it, so they stay unique across workers, and
+    # claims, reuse records and events name it. None: a single engine.
+    worker: str | None = None
 
     @classmethod
     def from_additional_config(cls, additional: Any) -> AdapterConfig:
