@@ -60,8 +60,11 @@ ENDPOINT_GROUP = "vllm.endpoint_plugins"
 
 
 def adapter_config(*, fault_injection: bool = True, claim_budget_blocks: int | None = None,
-                   host_tier: bool = False, tenant_budget_blocks: int | None = TENANT_BUDGET_BLOCKS) -> dict:
+                   host_tier: bool = False, tenant_budget_blocks: int | None = TENANT_BUDGET_BLOCKS,
+                   worker: str | None = None) -> dict:
     config: dict = {"fault_injection": fault_injection}
+    if worker is not None:
+        config["worker"] = worker
     if tenant_budget_blocks is not None:
         config["tenant_budget_blocks"] = tenant_budget_blocks
     if host_tier:
@@ -121,8 +124,10 @@ class VllmRkvDriver(VllmDriver):
 
     host_tier: ClassVar[bool] = False  # the adapter demotes to a host tier (vllm+rkv+lmcache)
 
-    def __init__(self, settings: DriverSettings, *, extra_server_args: tuple[str, ...] = ()) -> None:
-        config = adapter_config(host_tier=self.host_tier)
+    def __init__(self, settings: DriverSettings, *, extra_server_args: tuple[str, ...] = (),
+                 worker: str | None = None) -> None:
+        """`worker`: this engine's name in a routed deployment (`dynamo+rkv`)."""
+        config = adapter_config(host_tier=self.host_tier, worker=worker)
         super().__init__(settings, extra_server_args=(*adapter_server_args(config), *extra_server_args))
         self.rkv: RkvHttpDriver | None = None
         self.adapter: dict | None = None

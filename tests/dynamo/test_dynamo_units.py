@@ -99,3 +99,48 @@ def test_namespace_used_before_start_is_a_harness_error(tmp_path):
     with pytest.raises(HarnessError, match="before start"):
         ns.wrap(["true"])
     ns.stop()  # safe before start
+
+
+# -- dynamo+rkv: the indexer's answer and the merged event streams (pure parts) ----------
+
+from pytest_rkv.contract import Event, EventType  # noqa: E402
+from pytest_rkv.drivers.dynamo.indexer import indexer_argv, overlap_by_worker  # noqa: E402
+from pytest_rkv.drivers.dynamo_rkv import MergedStream  # noqa: E402
+
+
+def test_indexer_scores_become_cached_tokens_per_worker_name():
+    answer = {"scores": {"1": {"0": 320}, "2": {"0": 160}}, "frequencies": [], "instances": {}}
+    assert overlap_by_worker(answer, ["w0", "w1"]) == {"w0": 320, "w1": 160}
+    assert overlap_by_worker({"scores": {}, "frequencies": []}, ["w0", "w1"]) == {}
+
+
+@pytest.mark.parametrize("answer", [
+    [], {"no": "scores"}, {"scores": {"3": {"0": 1}}}, {"scores": {"1": 5}}, {"scores": {"1": {"0": -1}}},
+    {"scores": {"w0": {"0": 1}}},
+])
+def test_an_indexer_answer_outside_its_shape_is_a_protocol_violation(answer):
+    with pytest.raises(ProtocolViolation):
+        overlap_by_worker(answer, ["w0", "w1"])
+
+
+def test_indexer_subscribes_to_every_worker_with_ids_from_one(tmp_path):
+    argv = indexer_argv(tmp_path / "python", {"w0": "ipc:///a.sock", "w1": "ipc:///b.sock"}, 32)
+    assert argv[argv.index("--workers") + 1] == "1=ipc:///a.sock,2=ipc:///b.sock"
+    assert argv[argv.index("--block-size") + 1] == "32"
+
+
+def _event(seq: int, ts: float, worker: str) -> Event:
+    return Event(seq=seq, ts=ts, type=EventType.REQUEST_COMPLETED, request_id=f"r{seq}", worker=worker)
+
+
+def test_merged_stream_numbers_on_interleaves_by_time_and_keeps_each_worker_s_order():
+    feeds = {"w0": [_event(1, 1.0, "w0"), _event(2, 3.0, "w0")], "w1": [_event(1, 2.0, "w1"), _event(2, 0.5, "w1")]}
+    stream = MergedStream(dict.fromkeys(feeds, 0))
+    stream.pull(lambda w, after: [e for e in feeds[w] if e.seq > after])
+    assert [(e.seq, e.worker, e.request_id) for e in stream.after(0)] == [
+        (1, "w0", "r1"), (2, "w1", "r1"), (3, "w1", "r2"), (4, "w0", "r2")]  # w1's own order kept
+    feeds["w0"].append(_event(3, 0.1, "w0"))  # late, with an early stamp: appended, never renumbered
+    stream.pull(lambda w, after: [e for e in feeds[w] if e.seq > after])
+    assert [e.seq for e in stream.after(4)] == [5] and stream.after(4, "w1") == []
+    stream.clear()
+    assert stream.after(0) == [] and stream.cursors == {"w0": 0, "w1": 0}
