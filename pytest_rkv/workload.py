@@ -23,7 +23,7 @@ from pytest_rkv.contract import (
     PoolState,
     RuntimeInfo,
 )
-from pytest_rkv.drivers.base import Driver, Reply
+from pytest_rkv.drivers.base import Driver, Reply, Routed
 from pytest_rkv.errors import NoAnswer
 from pytest_rkv.trace import Ledger, content_problems, order_problems
 
@@ -152,6 +152,20 @@ class Probe:
         if reply.error is not None and reply.error.type == "active_refusal":
             self.ledger.refusals[rid] = reply.error
         return rid, reply
+
+    # -- routed deployments ------------------------------------------------------------
+    def place(self, tag: str, blocks: int, strength: str = "hard") -> Claim:
+        """A claim the runtime places on a worker of its choosing; the test needs it."""
+        claim = self.driver.place(ClaimRequest(prompt_token_ids=self.tokens(tag, blocks), strength=strength)).unwrap()
+        self.ledger.claims[claim.claim_id] = blocks
+        return claim
+
+    def route(self, prompt: list[int], label: str) -> tuple[str, Reply[Completion], Routed]:
+        """A completion the runtime routes; a refusal's arithmetic is per worker, so it is
+        not held against the events (their worker-level refusals are checked by the test)."""
+        rid = self.request_id(label)
+        reply, where = self.driver.route(CompletionRequest(prompt=prompt, request_id=rid))
+        return rid, reply, where
 
     def reuse_query(self, tag: str, blocks: int, **kw) -> tuple[str, Reply[Completion]]:
         """Ask for the prefix again plus one fresh token, so every prefix block can hit

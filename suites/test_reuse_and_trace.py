@@ -120,26 +120,89 @@ def test_the_event_log_alone_tells_what_happened(rkv):
 PLACEMENT_TRIALS = 5  # routed reuses of one claim, each checked
 
 
+def _routed(rkv):
+    if not rkv.driver.routed:
+        raise NotApplicable("a single-engine backend has no placement to attribute")
+    return rkv.driver
+
+
 @pytest.mark.rkv_obligation("placement")
 @pytest.mark.rkv_litmus("accepted_hard_claims")
 def test_routed_reuse_names_the_worker_holding_the_claim(rkv):
-    """Placement is recorded at claim time, stays put while the claim lives, and every
-    routed reuse is served by, and attributed to, the claim's worker. A claim that moved
-    or was lost must say so (its state), never be re-materialized elsewhere and credited."""
-    if not rkv.driver.routed:
-        raise NotApplicable("a single-engine backend has no placement to attribute")
-    claim = rkv.accepted("placed", 20)
+    """Placement is the runtime's decision, recorded at claim time (the claim and its events
+    name the worker), it stays put while the claim lives, and every routed reuse is served
+    by, and attributed to, the claim's worker. A claim that moved or was lost must say so
+    (its state), never be re-materialized elsewhere and credited."""
+    driver = _routed(rkv)
+    mark = rkv.mark()
+    claim = rkv.place("placed", 20)
     rkv.record("worker", claim.worker)
-    assert claim.worker, "a routed runtime must say which worker holds the claim"
-    trials = []
+    assert claim.worker in driver.workers(), (
+        f"the claim names worker {claim.worker!r}; the deployment's workers are {driver.workers()}")
+    assert (claim.state.value, claim.blocks, claim.resident_blocks) == ("resident", 20, 20), (
+        f"the placed claim reads {claim.state.value} with {claim.resident_blocks} of {claim.blocks} blocks")
+    trials, rids = [], []
     for trial in range(PLACEMENT_TRIALS):
-        _, again = rkv.reuse_query("placed", 20)
-        done = again.unwrap()
+        rid, reply, where = rkv.route(rkv.tokens("placed", 20, 1), label=f"placed-again-{trial}")
+        rids.append(rid)
+        done = reply.unwrap()
         reuse = [(r.worker, r.tokens) for r in (done.rkv.reuse if done.rkv else []) if r.claim_id == claim.claim_id]
-        now = rkv.driver.get_claim(claim.claim_id).unwrap()
-        trials.append({"reuse": reuse, "claim_worker": now.worker, "state": now.state.value})
-        assert now.worker == claim.worker and now.state.value == "resident", (
-            f"trial {trial}: the claim placed on {claim.worker} now reads {now.state.value} on {now.worker}")
+        now = driver.get_claim(claim.claim_id).unwrap()
+        trials.append({"served_by": where.worker, "reuse": reuse, "claim_worker": now.worker,
+                       "state": now.state.value, "cached_tokens": rkv.cached_tokens(reply)})
+        assert (now.worker, now.state.value, now.resident_blocks) == (claim.worker, "resident", 20), (
+            f"trial {trial}: the claim placed on {claim.worker} now reads {now.state.value} on {now.worker} "
+            f"with {now.resident_blocks} of 20 blocks resident")
+        assert where.worker == claim.worker, f"trial {trial}: routed to {where.worker}, the claim is on {claim.worker}"
         assert reuse == [(claim.worker, 20 * rkv.block_size)], (
             f"trial {trial}: reuse records {reuse}, claim held on {claim.worker}")
+        assert trials[-1]["cached_tokens"] == 20 * rkv.block_size, f"trial {trial}: {trials[-1]}"
     rkv.record("trials", trials)
+    mine = [e for e in rkv.events_since(mark) if e.claim_id == claim.claim_id]
+    rkv.record("claim_events", [(e.type.value, e.worker, e.request_id) for e in mine])
+    assert {e.worker for e in mine} == {claim.worker}, (
+        f"the claim's events name workers {sorted({str(e.worker) for e in mine})}, it is on {claim.worker}")
+    assert [e.request_id for e in mine if e.type == EventType.CLAIM_REUSED] == rids, (
+        f"claim.reused events name {[e.request_id for e in mine if e.type == EventType.CLAIM_REUSED]}, "
+        f"the routed reuses were {rids}")
+
+
+@pytest.mark.rkv_obligation("placement")
+@pytest.mark.rkv_litmus("active_refusal")
+def test_routed_request_goes_where_it_fits_and_is_refused_only_where_none_fits(rkv):
+    """Cross-worker arbitration. Two 60-block hard claims cannot share one 80-block pool,
+    so they are placed on different workers. A request reusing 10 blocks of the first and
+    needing 60 more fits beside neither: it is refused, naming both claims, and neither
+    loses a block. Once the second is released, the same request runs on that worker
+    (beside the first claim it cannot), and the first claim is still whole."""
+    driver = _routed(rkv)
+    if len(driver.workers()) != 2 or rkv.info.total_blocks < 70:
+        raise NotApplicable("written for two workers with the canonical 80-block pool")
+    first, second = rkv.place("arb-a", 60), rkv.place("arb-b", 60)
+    rkv.record("placed", {first.claim_id: first.worker, second.claim_id: second.worker})
+    assert {first.worker, second.worker} == set(driver.workers()), (
+        f"two 60-block hard claims placed on {first.worker} and {second.worker}: one 80-block pool cannot hold both")
+    prompt = rkv.tokens("arb-a", 10) + rkv.tokens("arb-fresh", 60)
+    mark = rkv.mark()
+    rid, refused, where = rkv.route(prompt, label="arb-fits-nowhere")
+    rkv.record("refusal", refused.error.model_dump(mode="json") if refused.error else {"admitted_on": where.worker})
+    assert refused.error is not None and refused.error.type == "active_refusal", (
+        f"a 70-block request beside a 60-block hard claim on each 80-block worker was answered "
+        f"{refused.status} on {where.worker}: {refused.error}")
+    assert sorted(refused.error.blocking_claims) == sorted([first.claim_id, second.claim_id]), (
+        f"the refusal names {refused.error.blocking_claims}; blocking are {first.claim_id} and {second.claim_id}")
+    named = {c for e in rkv.events_since(mark) if e.type == EventType.REQUEST_REFUSED and e.request_id == rid
+             for c in e.blocking_claims}
+    assert named == {first.claim_id, second.claim_id}, f"request.refused events of {rid} name {sorted(named)}"
+    for claim in (first, second):
+        now = driver.get_claim(claim.claim_id).unwrap()
+        assert (now.state.value, now.resident_blocks, now.worker) == ("resident", 60, claim.worker), (
+            f"after the refusal {claim.claim_id} reads {now.state.value}, {now.resident_blocks} of 60 on {now.worker}")
+    driver.release(second.claim_id).unwrap()
+    _, admitted, where = rkv.route(prompt, label="arb-fits-there")
+    rkv.record("admitted_on", where.worker)
+    assert admitted.ok and where.worker == second.worker, (
+        f"with {second.worker} free, the request was answered {admitted.status} on {where.worker}: {admitted.error}")
+    now = driver.get_claim(first.claim_id).unwrap()
+    assert (now.state.value, now.resident_blocks, now.worker) == ("resident", 60, first.worker), (
+        f"after the request ran elsewhere, {first.claim_id} reads {now.state.value}, {now.resident_blocks} of 60")

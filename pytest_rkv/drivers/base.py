@@ -211,6 +211,11 @@ class Driver(ABC):
         """The worker ids of a routed deployment."""
         raise Unsupported(f"{self.name} names no workers", scope="probe")
 
+    def place(self, req: ClaimRequest) -> Reply[Claim]:
+        """A claim placed by the runtime's own placement (which worker holds it is the
+        runtime's decision; the claim names it). `claim` is the single-pool call."""
+        raise Unsupported(f"{self.name} places no claims across workers (no claim API on its router)")
+
     def route(self, req: CompletionRequest, worker: str | None = None) -> tuple[Reply[Completion], Routed]:
         """A completion placed by the runtime's own router (or forced to `worker` with the
         runtime's own hint), and where it was served."""

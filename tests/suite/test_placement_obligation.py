@@ -1,9 +1,10 @@
 """The placement obligation test can fail: a routed pair of reference runtimes (a test-only
 backend, registered the way a vendor's is) passes it, and each placement fault fails it.
 
-No routed runtime with claims exists yet (`dynamo` has no claim API), so this is the only
-evidence that `test_routed_reuse_names_the_worker_holding_the_claim` tells a correct
-placement from a wrong one. The pair is a unit-test stand-in and never earns a row.
+The pair is pytest-rkv's claims router (the one `dynamo+rkv` runs) over two reference
+runtimes that act as named workers, so the faults are cheap to inject and the placement
+tests' verdicts can be checked in seconds. It is a unit-test stand-in and never earns a
+row; the live routed row is `dynamo+rkv` (tests/dynamo/test_dynamo_rkv_row.py).
 """
 
 from __future__ import annotations
@@ -21,67 +22,158 @@ from tests.conftest import SUITES
 
 PAIR_DRIVER = '''
 import os
-from pytest_rkv.drivers.base import Driver, DriverSettings, Reply
+from pytest_rkv.adapters.routed import ClaimRouter, refused_everywhere
+from pytest_rkv.drivers.base import Driver, Reply
+from pytest_rkv.drivers.dynamo_rkv import MergedStream
 from pytest_rkv.drivers.reference import ReferenceDriver
 from pytest_rkv.errors import Unsupported
 
 FAULT = os.environ.get("ROUTED_PAIR_FAULT", "")
+WORKERS = ("w0", "w1")
 
 
-class RoutedPairDriver(Driver):
-    """Two reference runtimes; a claim is placed on the worker holding fewer claims, a
-    request goes to the worker holding a claim on its prefix (else w0)."""
-    name = "routed-pair"
-    depth = "native"
-    routed = True
+class NamedWorker:
+    """A reference runtime as one worker: its ids start with the worker name and its
+    claims, reuse records and events name the worker (what the vLLM adapter does when told
+    its worker name)."""
 
-    def start(self):
-        self.workers = {w: ReferenceDriver(self.settings) for w in ("w0", "w1")}
-        for d in self.workers.values():
-            d.start()
-        self.placed = {}  # claim id -> (worker, prompt)
-        self.reuses = 0
+    def __init__(self, name, settings):
+        self.name, self.ref = name, ReferenceDriver(settings)
 
-    def info(self):
-        return self.workers["w0"].info().model_copy(update={"routed": True})
+    def _claim(self, reply):
+        if not reply.ok:
+            return reply
+        return Reply(reply.status, value=reply.value.model_copy(
+            update={"claim_id": f"{self.name}-{reply.value.claim_id}", "worker": self.name}))
 
-    def reset(self):
-        for d in self.workers.values():
-            d.reset()
-        self.placed, self.reuses = {}, 0
+    def _error(self, reply):
+        if reply.error is None:
+            return reply
+        err = reply.error.model_copy(update={
+            "blocking_claims": [f"{self.name}-{c}" for c in reply.error.blocking_claims],
+            "claimed_blocks": {f"{self.name}-{c}": n for c, n in reply.error.claimed_blocks.items()}})
+        return Reply(reply.status, error=err)
 
-    def _where(self, claim_id):
-        worker, _ = self.placed[claim_id]
-        if FAULT == "moved" and self.reuses:  # re-materialized on the other worker, silently
-            return "w1" if worker == "w0" else "w0"
-        return worker
+    def own(self, claim_id):
+        return claim_id.removeprefix(f"{self.name}-")
 
     def claim(self, req):
-        counts = {w: sum(1 for v, _ in self.placed.values() if v == w) for w in self.workers}
-        worker = min(counts, key=lambda w: (counts[w], w))
-        reply = self.workers[worker].claim(req)
-        if reply.ok:
-            self.placed[reply.value.claim_id] = (worker, list(req.prompt_token_ids))
-            return Reply(reply.status, value=reply.value.model_copy(update={"worker": worker}))
-        return reply
+        return self._error(self._claim(self.ref.claim(req)))
 
     def get_claim(self, claim_id):
-        reply = self.workers[self.placed[claim_id][0]].get_claim(claim_id)
-        return Reply(reply.status, value=reply.value.model_copy(update={"worker": self._where(claim_id)}))
+        return self._claim(self.ref.get_claim(self.own(claim_id)))
+
+    def release(self, claim_id):
+        return self._claim(self.ref.release(self.own(claim_id)))
 
     def complete(self, req):
-        worker = next((w for w, p in self.placed.values() if list(req.prompt[:len(p)]) == p), "w0")
-        reply = self.workers[worker].complete(req)
-        if reply.ok and reply.value.rkv and reply.value.rkv.reuse:
-            self.reuses += 1
-            named = "w1" if (FAULT == "misattribute") == (worker == "w0") else "w0"
-            reuse = [r.model_copy(update={"worker": named}) for r in reply.value.rkv.reuse]
+        if req.claim_id:
+            req = req.model_copy(update={"claim_id": self.own(req.claim_id)})
+        reply = self._error(self.ref.complete(req))
+        if reply.ok and reply.value.rkv:
+            named = self.name
+            if FAULT == "misattribute":  # reuse credited to the other worker
+                named = WORKERS[1 - WORKERS.index(self.name)]
+            reuse = [r.model_copy(update={"claim_id": f"{self.name}-{r.claim_id}", "worker": named})
+                     for r in reply.value.rkv.reuse]
             rkv = reply.value.rkv.model_copy(update={"reuse": reuse})
             return Reply(reply.status, value=reply.value.model_copy(update={"rkv": rkv}))
         return reply
 
     def events(self, after=0):
-        raise Unsupported("the pair merges no event streams")
+        def named(e):
+            return e.model_copy(update={
+                "worker": self.name, "claim_id": f"{self.name}-{e.claim_id}" if e.claim_id else None,
+                "blocking_claims": [f"{self.name}-{c}" for c in e.blocking_claims]})
+        return [named(e) for e in self.ref.events(after)]
+
+    def pool(self):
+        return self.ref.pool()
+
+
+class RoutedPairDriver(Driver):
+    """Two reference runtimes behind pytest-rkv's claims router; its index is each
+    worker's live claims (a prompt's overlap is the claimed prefix it starts with)."""
+    name = "routed-pair"
+    depth = "native"
+    routed = True
+
+    def start(self):
+        self.engines = {w: NamedWorker(w, self.settings) for w in WORKERS}
+        for e in self.engines.values():
+            e.ref.start()
+        self.router = ClaimRouter(self.engines, self.overlap)
+        if FAULT == "no_arbitration":  # the first worker's refusal is final
+            self.router._first_admitting = lambda order, ask: ask(order[0])
+        if FAULT == "names_one_worker":  # the refusal names the last worker's claims only
+            self.router._first_admitting = self._names_one
+        self.reuses = 0
+
+    def _names_one(self, order, ask):
+        replies = []
+        for w in order:
+            reply = ask(w)
+            if reply.ok or reply.error.type not in ("no_admit", "active_refusal"):
+                return reply
+            replies.append((w, reply))
+        merged = refused_everywhere(replies)
+        err = merged.error.model_copy(update={"blocking_claims": replies[-1][1].error.blocking_claims})
+        return Reply(merged.status, error=err)
+
+    def overlap(self, tokens):
+        found = {}
+        for w, e in self.engines.items():
+            for c in e.ref.list_claims():
+                if c.state.value == "resident":
+                    found[w] = max(found.get(w, 0), c.tokens if tokens[:c.tokens] == self.prompts.get(c.claim_id) else 0)
+        return found
+
+    def info(self):
+        return self.engines["w0"].ref.info().model_copy(update={"routed": True})
+
+    def reset(self):
+        for e in self.engines.values():
+            e.ref.reset()
+        self.prompts, self.reuses = {}, 0
+        self.stream = MergedStream(dict.fromkeys(WORKERS, 0))
+
+    def workers(self):
+        return list(WORKERS)
+
+    def place(self, req):
+        reply, _ = self.router.place(req)
+        if reply.ok:
+            self.prompts[self.engines[reply.value.worker].own(reply.value.claim_id)] = list(req.prompt_token_ids)
+        return reply
+
+    def claim(self, req):
+        return self.engines["w0"].claim(req)
+
+    def get_claim(self, claim_id):
+        reply = self.engines[self.router.worker_of(claim_id) or "w0"].get_claim(claim_id)
+        if FAULT == "moved" and reply.ok and self.reuses:  # re-materialized elsewhere, silently
+            other = WORKERS[1 - WORKERS.index(reply.value.worker)]
+            return Reply(reply.status, value=reply.value.model_copy(update={"worker": other}))
+        return reply
+
+    def release(self, claim_id):
+        return self.engines[self.router.worker_of(claim_id) or "w0"].release(claim_id)
+
+    def route(self, req, worker=None):
+        from pytest_rkv.drivers.base import Routed
+        reply, served = self.router.route(req, worker)
+        if reply.ok and reply.value.rkv and reply.value.rkv.reuse:
+            self.reuses += 1
+        if FAULT == "misrouted" and served:  # served where the router chose, reported elsewhere
+            served = WORKERS[1 - WORKERS.index(served)]
+        return reply, Routed(worker=served)
+
+    def complete(self, req):
+        return self.route(req, worker=self.router.worker_of(req.claim_id or "") or "w0")[0]
+
+    def events(self, after=0):
+        self.stream.pull(lambda w, a: self.engines[w].events(a))
+        return self.stream.after(after)
 '''
 
 
@@ -96,24 +188,32 @@ def _run_placement(tmp_path: Path, fault: str) -> dict:
            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     report = tmp_path / "report"
     proc = subprocess.run([sys.executable, "-m", "pytest", str(SUITES / "test_reuse_and_trace.py"),
-                           "-k", "routed_reuse", "--rkv-backend=routed-pair", "--rkv-report-dir", str(report),
+                           "-k", "routed", "--rkv-backend=routed-pair", "--rkv-report-dir", str(report),
                            "-p", "no:cacheprovider", "-q"], env=env, capture_output=True, text=True, timeout=300)
     rows = list(report.glob("*/row.json"))
     assert rows, proc.stdout[-3000:] + proc.stderr[-2000:]
-    (test,) = json.loads(rows[0].read_text())["obligations"]["placement"]["tests"]
-    return test
+    tests = json.loads(rows[0].read_text())["obligations"]["placement"]["tests"]
+    return {t["nodeid"].rsplit("::", 1)[-1].split("[")[0]: t for t in tests}
+
+
+REUSE = "test_routed_reuse_names_the_worker_holding_the_claim"
+ARBITRATION = "test_routed_request_goes_where_it_fits_and_is_refused_only_where_none_fits"
 
 
 def test_correct_placement_passes(tmp_path):
-    test = _run_placement(tmp_path, "")
-    assert test["outcome"] == "passed", test["detail"]
-    assert test["evidence"]["worker"] == "w0" and len(test["evidence"]["trials"]) == 5
+    tests = _run_placement(tmp_path, "")
+    assert {name: t["outcome"] for name, t in tests.items()} == {REUSE: "passed", ARBITRATION: "passed"}, tests
+    assert tests[REUSE]["evidence"]["worker"] == "w0" and len(tests[REUSE]["evidence"]["trials"]) == 5
+    assert tests[ARBITRATION]["evidence"]["admitted_on"] == "w1"
 
 
-@pytest.mark.parametrize("fault, says", [
-    ("misattribute", "reuse records"),  # reuse credited to a worker that does not hold the claim
-    ("moved", "now reads"),  # the claim moved after its first reuse, and nothing said so
+@pytest.mark.parametrize("fault, test, says", [
+    ("misattribute", REUSE, "reuse records"),  # reuse credited to a worker that does not hold the claim
+    ("moved", REUSE, "now reads"),  # the claim moved after its first reuse, and nothing said so
+    ("misrouted", REUSE, "routed to"),  # the answer names a worker that does not hold the claim
+    ("no_arbitration", ARBITRATION, "the refusal names"),  # the first worker's refusal is final
+    ("names_one_worker", ARBITRATION, "the refusal names"),  # a refusal hides one worker's blockers
 ])
-def test_each_placement_fault_fails(tmp_path, fault, says):
-    test = _run_placement(tmp_path, fault)
-    assert test["outcome"] == "failed" and says in test["detail"], test["detail"]
+def test_each_placement_fault_fails(tmp_path, fault, test, says):
+    tests = _run_placement(tmp_path, fault)
+    assert tests[test]["outcome"] == "failed" and says in tests[test]["detail"], tests[test]
