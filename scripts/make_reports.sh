@@ -4,7 +4,7 @@
 # Usage: bash scripts/make_reports.sh [backends]   (default: every backend runnable here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-backends="${1:-reference,reference-http,vllm,vllm+rkv,vllm+lmcache,vllm+rkv+lmcache,sglang,dynamo}"
+backends="${1:-reference,reference-http,vllm,vllm+rkv,vllm+lmcache,vllm+rkv+lmcache,sglang,dynamo,dynamo+rkv}"
 bundles=reports/bundles
 rm -rf "$bundles"
 # A failed obligation is evidence, not an error here: the verifier and the labels decide.
