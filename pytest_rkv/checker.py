@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -476,16 +476,20 @@ def _check_obligation(ob_id: str, low: Lowering | None, ctx: _Context) -> Obliga
         label, findings = _judge_run(p, ctx.run, ctx)
         if low is None:
             findings.append(Finding("not-proposed", "no lowering proposed; only the run's substrates can speak for it"))
-        earned = run_label(ob_id, ctx.run)
+        earned = run_label(ob_id, ctx.run, ctx.catalogue.keys_for("obligation", ob_id))
         if label in _RANK and earned in _RANK and _RANK[label] > _RANK[earned]:
             findings.append(Finding("capped-by-run", f"capped at the run's own label, {earned.value}"))
             label = earned
     return ObligationCheck(ob_id, label, proposed, surface, tuple(findings + anchor_findings))
 
 
-def run_label(ob_id: str, run: _Run) -> Label | None:
-    """The label the run itself earned for the obligation (the row's rule, `obligation_label`)."""
-    outcome = combine(t.outcome for t in run.sections["obligations"].get(ob_id, []))
+def run_label(ob_id: str, run: _Run, expected: Iterable[str] = ()) -> Label | None:
+    """The label the run itself earned for the obligation (the row's rule, `obligation_label`).
+    A test the suite expects (`expected`, suite keys) but the row lacks counts as not run,
+    exactly as `bearing` counts it: dropping a record never earns more than keeping it."""
+    tests = run.sections["obligations"].get(ob_id, [])
+    have = {suite_key(t.nodeid) for t in tests}
+    outcome = combine([*(t.outcome for t in tests), *(TestOutcome.NOT_RUN for k in expected if k not in have)])
     passed = {k for k, tests in run.sections["substrates"].items()
               if combine(t.outcome for t in tests) == TestOutcome.PASSED}
     return obligation_label(ob_id, outcome, run.depth, passed).label
