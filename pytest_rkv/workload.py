@@ -164,7 +164,11 @@ class Probe:
         """A completion the runtime routes; a refusal's arithmetic is per worker, so it is
         not held against the events (their worker-level refusals are checked by the test)."""
         rid = self.request_id(label)
-        reply, where = self.driver.route(CompletionRequest(prompt=prompt, request_id=rid))
+        try:
+            reply, where = self.driver.route(CompletionRequest(prompt=prompt, request_id=rid))
+        except NoAnswer as exc:  # queued, neither admitted on a worker nor refused: a failure
+            self.record("no_answer", {"request_id": rid, "waited_s": exc.waited_s, "detail": exc.detail})
+            raise AssertionError(f"routed request {rid}: no answer in {exc.waited_s:g} s; no refusal") from None
         return rid, reply, where
 
     def reuse_query(self, tag: str, blocks: int, **kw) -> tuple[str, Reply[Completion]]:

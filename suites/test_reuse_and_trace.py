@@ -117,7 +117,7 @@ def test_the_event_log_alone_tells_what_happened(rkv):
     )
 
 
-PLACEMENT_TRIALS = 5  # routed reuses of one claim, each checked
+PLACEMENT_ROUNDS = 3  # routed reuses of each of the two placed claims
 
 
 def _routed(rkv):
@@ -130,41 +130,56 @@ def _routed(rkv):
 @pytest.mark.rkv_litmus("accepted_hard_claims")
 def test_routed_reuse_names_the_worker_holding_the_claim(rkv):
     """Placement is the runtime's decision, recorded at claim time (the claim and its events
-    name the worker), it stays put while the claim lives, and every routed reuse is served
+    name the worker); it stays put while the claim lives, and every routed reuse is served
     by, and attributed to, the claim's worker. A claim that moved or was lost must say so
-    (its state), never be re-materialized elsewhere and credited."""
+    (its state), never be re-materialized elsewhere and credited.
+
+    Two hard claims of 60 and 30 blocks cannot share one 80-block pool, so one is on each
+    worker. Each reuse asks for the first 10 blocks of one claim plus a fresh token: small
+    enough to run on either worker, so only a router that knows where the prefix is sends
+    it to the claim's worker (a fixed worker order would serve one of them cold)."""
     driver = _routed(rkv)
     mark = rkv.mark()
-    claim = rkv.place("placed", 20)
-    rkv.record("worker", claim.worker)
-    assert claim.worker in driver.workers(), (
-        f"the claim names worker {claim.worker!r}; the deployment's workers are {driver.workers()}")
-    assert (claim.state.value, claim.blocks, claim.resident_blocks) == ("resident", 20, 20), (
-        f"the placed claim reads {claim.state.value} with {claim.resident_blocks} of {claim.blocks} blocks")
-    trials, rids = [], []
-    for trial in range(PLACEMENT_TRIALS):
-        rid, reply, where = rkv.route(rkv.tokens("placed", 20, 1), label=f"placed-again-{trial}")
-        rids.append(rid)
+    claims = [rkv.place("placed-a", 60), rkv.place("placed-b", 30)]
+    rkv.record("workers", {c.claim_id: c.worker for c in claims})
+    rkv.record("placement_reasons", {c.claim_id: driver.placement_reason(c.claim_id) for c in claims})
+    for claim in claims:
+        assert claim.worker in driver.workers(), (
+            f"{claim.claim_id} names worker {claim.worker!r}; the deployment's workers are {driver.workers()}")
+        assert (claim.state.value, claim.resident_blocks) == ("resident", claim.blocks), (
+            f"the placed claim {claim.claim_id} reads {claim.state.value} with {claim.resident_blocks} of "
+            f"{claim.blocks} blocks")
+    assert claims[0].worker != claims[1].worker, (
+        f"60- and 30-block hard claims both placed on {claims[0].worker}: one 80-block pool cannot hold both")
+    trials, reused_by = [], {c.claim_id: [] for c in claims}
+    for trial in range(PLACEMENT_ROUNDS * len(claims)):
+        claim, tag = claims[trial % 2], ("placed-a", "placed-b")[trial % 2]
+        rid, reply, where = rkv.route(rkv.tokens(tag, 10) + [trial + 1], label=f"placed-again-{trial}")
+        reused_by[claim.claim_id].append(rid)
         done = reply.unwrap()
-        reuse = [(r.worker, r.tokens) for r in (done.rkv.reuse if done.rkv else []) if r.claim_id == claim.claim_id]
+        reuse = [(r.claim_id, r.worker, r.tokens) for r in (done.rkv.reuse if done.rkv else [])]
         now = driver.get_claim(claim.claim_id).unwrap()
-        trials.append({"served_by": where.worker, "reuse": reuse, "claim_worker": now.worker,
-                       "state": now.state.value, "cached_tokens": rkv.cached_tokens(reply)})
-        assert (now.worker, now.state.value, now.resident_blocks) == (claim.worker, "resident", 20), (
-            f"trial {trial}: the claim placed on {claim.worker} now reads {now.state.value} on {now.worker} "
-            f"with {now.resident_blocks} of 20 blocks resident")
-        assert where.worker == claim.worker, f"trial {trial}: routed to {where.worker}, the claim is on {claim.worker}"
-        assert reuse == [(claim.worker, 20 * rkv.block_size)], (
-            f"trial {trial}: reuse records {reuse}, claim held on {claim.worker}")
-        assert trials[-1]["cached_tokens"] == 20 * rkv.block_size, f"trial {trial}: {trials[-1]}"
-    rkv.record("trials", trials)
-    mine = [e for e in rkv.events_since(mark) if e.claim_id == claim.claim_id]
-    rkv.record("claim_events", [(e.type.value, e.worker, e.request_id) for e in mine])
-    assert {e.worker for e in mine} == {claim.worker}, (
-        f"the claim's events name workers {sorted({str(e.worker) for e in mine})}, it is on {claim.worker}")
-    assert [e.request_id for e in mine if e.type == EventType.CLAIM_REUSED] == rids, (
-        f"claim.reused events name {[e.request_id for e in mine if e.type == EventType.CLAIM_REUSED]}, "
-        f"the routed reuses were {rids}")
+        trials.append({"claim": claim.claim_id, "served_by": where.worker, "why": where.reason, "reuse": reuse,
+                       "claim_worker": now.worker, "state": now.state.value,
+                       "cached_tokens": rkv.cached_tokens(reply)})
+        rkv.record("trials", trials)
+        assert (now.worker, now.state.value, now.resident_blocks) == (claim.worker, "resident", claim.blocks), (
+            f"trial {trial}: {claim.claim_id}, placed on {claim.worker}, now reads {now.state.value} on "
+            f"{now.worker} with {now.resident_blocks} of {claim.blocks} blocks resident")
+        assert where.worker == claim.worker, (
+            f"trial {trial}: a reuse of {claim.claim_id}'s prefix was routed to {where.worker}, the claim is on "
+            f"{claim.worker}")
+        assert reuse == [(claim.claim_id, claim.worker, 10 * rkv.block_size)], (
+            f"trial {trial}: reuse records {reuse}, {claim.claim_id} held on {claim.worker}")
+        assert trials[-1]["cached_tokens"] == 10 * rkv.block_size, f"trial {trial}: {trials[-1]}"
+    events = rkv.events_since(mark)
+    for claim in claims:
+        mine = [e for e in events if e.claim_id == claim.claim_id]
+        assert {e.worker for e in mine} == {claim.worker}, (
+            f"{claim.claim_id}'s events name workers {sorted(str(e.worker) for e in mine)}, it is on {claim.worker}")
+        named = [e.request_id for e in mine if e.type == EventType.CLAIM_REUSED]
+        assert named == reused_by[claim.claim_id], (
+            f"claim.reused events of {claim.claim_id} name {named}, its routed reuses were {reused_by[claim.claim_id]}")
 
 
 @pytest.mark.rkv_obligation("placement")
@@ -185,6 +200,7 @@ def test_routed_request_goes_where_it_fits_and_is_refused_only_where_none_fits(r
     prompt = rkv.tokens("arb-a", 10) + rkv.tokens("arb-fresh", 60)
     mark = rkv.mark()
     rid, refused, where = rkv.route(prompt, label="arb-fits-nowhere")
+    rkv.record("routing_refused", where.reason)
     rkv.record("refusal", refused.error.model_dump(mode="json") if refused.error else {"admitted_on": where.worker})
     assert refused.error is not None and refused.error.type == "active_refusal", (
         f"a 70-block request beside a 60-block hard claim on each 80-block worker was answered "
@@ -201,6 +217,7 @@ def test_routed_request_goes_where_it_fits_and_is_refused_only_where_none_fits(r
     driver.release(second.claim_id).unwrap()
     _, admitted, where = rkv.route(prompt, label="arb-fits-there")
     rkv.record("admitted_on", where.worker)
+    rkv.record("routing_admitted", where.reason)
     assert admitted.ok and where.worker == second.worker, (
         f"with {second.worker} free, the request was answered {admitted.status} on {where.worker}: {admitted.error}")
     now = driver.get_claim(first.claim_id).unwrap()

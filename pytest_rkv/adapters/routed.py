@@ -7,6 +7,8 @@ index is Dynamo's; **the routing decision is this module's**, and the row says s
 
 Decisions, each from the workers' own answers, never from a model of their pools:
 
+* **Why** each decision was made (the index's overlap per worker, each worker's room, the
+  order asked) is returned with it, for the row's evidence.
 * **Placement of a claim**: the worker whose cache already holds the longest part of the
   claim's prompt (the index), then the one with the most room (free + unclaimed cached
   blocks, its `GET /v1/kv/pool`), then the first. If that worker does not admit the claim
@@ -48,6 +50,13 @@ class Choice:
     order: list[str]
     overlap_tokens: dict[str, int]  # the index's answer: cached prompt tokens per worker
     room_blocks: dict[str, int]
+    index_settled: bool | None = None  # placement: the index showed the claim on its worker in time
+
+    def evidence(self) -> dict:
+        facts: dict = {"order": self.order, "overlap_tokens": self.overlap_tokens, "room_blocks": self.room_blocks}
+        if self.index_settled is not None:
+            facts["index_settled"] = self.index_settled
+        return facts
 
 
 class ClaimRouter:
@@ -65,16 +74,21 @@ class ClaimRouter:
         that a request sent after the answer is routed with the claim in view."""
         choice = self.choose(req.prompt_token_ids)
         reply = self._first_admitting(choice.order, lambda w: self.workers[w].claim(req))
-        if reply.ok and reply.value is not None and reply.value.worker in self.workers:
-            self._await_index(req.prompt_token_ids, reply.value.worker, reply.value.tokens)
+        claim = reply.value if reply.ok else None
+        if claim is not None and claim.worker in self.workers and claim.state.value == "resident":
+            settled = self._await_index(req.prompt_token_ids, claim.worker, claim.tokens)
+            choice = Choice(choice.order, choice.overlap_tokens, choice.room_blocks, index_settled=settled)
         return reply, choice
 
-    def route(self, req: CompletionRequest, worker: str | None = None) -> tuple[Reply[Completion], str | None]:
-        """The answer, and the worker that served it (None when every worker refused)."""
+    def route(self, req: CompletionRequest, worker: str | None = None
+              ) -> tuple[Reply[Completion], str | None, Choice | None]:
+        """The answer, the worker that served it (None when every worker refused), and why
+        the workers were asked in that order (None when the worker was given or named by
+        the request's claim)."""
         if worker is None:
             worker = self.worker_of(req.claim_id) if req.claim_id else None
         if worker is not None:
-            return self.workers[worker].complete(req), worker
+            return self.workers[worker].complete(req), worker, None
         choice = self.choose(req.prompt)
         served: list[str] = []
 
@@ -83,21 +97,27 @@ class ClaimRouter:
             return self.workers[w].complete(req)
 
         reply = self._first_admitting(choice.order, ask)
-        return reply, (served[0] if reply.ok else None)
+        return reply, (served[0] if reply.ok else None), choice
 
     def worker_of(self, claim_id: str) -> str | None:
         """The worker a claim id names (adapters with a worker name prefix their ids)."""
         head = claim_id.split("-", 1)[0]
         return head if head in self.workers else None
 
-    def _await_index(self, tokens: Sequence[int], worker: str, cached: int) -> None:
+    def _await_index(self, tokens: Sequence[int], worker: str, cached: int) -> bool:
+        """Whether the index came to show `cached` tokens of `tokens` on `worker` in time
+        (if not, the claim stands; later routing sees whatever the index shows)."""
         deadline = time.monotonic() + INDEX_SETTLE_S
-        while self.overlap(tokens).get(worker, 0) < cached and time.monotonic() < deadline:
+        while self.overlap(tokens).get(worker, 0) < cached:
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.02)
+        return True
 
     # -- the decision ----------------------------------------------------------------
     def choose(self, tokens: Sequence[int]) -> Choice:
-        overlap = {w: int(self.overlap(tokens).get(w, 0)) for w in self.workers} if tokens else {}
+        seen = self.overlap(tokens) if tokens else {}  # one query: one moment of the index
+        overlap = {w: int(seen.get(w, 0)) for w in self.workers}
         room = {}
         for w, driver in self.workers.items():
             pool = driver.pool()

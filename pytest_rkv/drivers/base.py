@@ -82,6 +82,7 @@ class Routed:
     worker: str | None  # the (prefill) worker
     decode_worker: str | None = None
     kv_hit_rate: float | None = None
+    reason: dict | None = None  # why it went there, when the runtime says (recorded as evidence)
 
 
 class Driver(ABC):
@@ -215,6 +216,10 @@ class Driver(ABC):
         """A claim placed by the runtime's own placement (which worker holds it is the
         runtime's decision; the claim names it). `claim` is the single-pool call."""
         raise Unsupported(f"{self.name} places no claims across workers (no claim API on its router)")
+
+    def placement_reason(self, claim_id: str) -> dict | None:
+        """Why the runtime placed a claim on its worker, when it says (recorded as evidence)."""
+        return None
 
     def route(self, req: CompletionRequest, worker: str | None = None) -> tuple[Reply[Completion], Routed]:
         """A completion placed by the runtime's own router (or forced to `worker` with the

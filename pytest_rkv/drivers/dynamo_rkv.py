@@ -102,7 +102,7 @@ class DynamoRkvDriver(Driver):
         self.router: ClaimRouter | None = None
         self.claim_events = MergedStream(dict.fromkeys(WORKERS, 0))
         self.kv_events = MergedStream(dict.fromkeys(WORKERS, 0))
-        self.choices: list[dict] = []  # the router's decisions of the current test, as evidence
+        self.placements: dict[str, dict] = {}  # claim id -> why the router placed it there
 
     @classmethod
     def check_available(cls) -> None:
@@ -131,12 +131,18 @@ class DynamoRkvDriver(Driver):
             raise
 
     def stop(self) -> None:
-        if self.index is not None:
-            self.index.stop()
-        for engine in self.engines.values():
-            engine.stop()
-        if self.netns is not None:
-            self.netns.stop()
+        """Every part, even if stopping one of them raises (the first error is raised last)."""
+        parts = [*([self.index.stop] if self.index is not None else []),
+                 *(engine.stop for engine in self.engines.values()),
+                 *([self.netns.stop] if self.netns is not None else [])]
+        errors = []
+        for stop in parts:
+            try:
+                stop()
+            except Exception as exc:  # keep stopping the rest
+                errors.append(exc)
+        if errors:
+            raise errors[0]
 
     def check_alive(self) -> None:
         for engine in self.engines.values():
@@ -184,7 +190,7 @@ class DynamoRkvDriver(Driver):
         self.claim_events.clear()
         self.kv_events.pull(lambda w, after: self.engines[w].block_events(after))  # the reset's own
         self.kv_events.log, self.kv_events.owner = [], []
-        self.choices = []
+        self.placements = {}
 
     def claim(self, req: ClaimRequest) -> Reply[Claim]:
         return self.engines[HOME].claim(req)
@@ -240,13 +246,17 @@ class DynamoRkvDriver(Driver):
 
     def place(self, req: ClaimRequest) -> Reply[Claim]:
         reply, choice = self._router().place(req)
-        self.choices.append({"claim": reply.value.claim_id if reply.ok else None, "order": choice.order,
-                             "overlap_tokens": choice.overlap_tokens, "room_blocks": choice.room_blocks})
+        if reply.ok and reply.value is not None:
+            self.placements[reply.value.claim_id] = choice.evidence()
         return reply
 
+    def placement_reason(self, claim_id: str) -> dict | None:
+        """Why the router placed a claim where it did (evidence for the placement tests)."""
+        return self.placements.get(claim_id)
+
     def route(self, req: CompletionRequest, worker: str | None = None) -> tuple[Reply[Completion], Routed]:
-        reply, served = self._router().route(req, worker)
-        return reply, Routed(worker=served)
+        reply, served, choice = self._router().route(req, worker)
+        return reply, Routed(worker=served, reason=choice.evidence() if choice else None)
 
     def block_events(self, after: int = 0) -> list[Event]:
         self.kv_events.pull(lambda w, a: self.engines[w].block_events(a))

@@ -224,7 +224,7 @@ def test_a_run_backed_label_is_never_above_the_run_s_own(descriptor, run):
     if parsed is None:
         return
     for ob_id, c in result.obligations.items():
-        earned = run_label(ob_id, parsed)
+        earned = run_label(ob_id, parsed, CATALOGUE.keys_for("obligation", ob_id))
         if c.label not in (None, Label.REJECTED) and earned is not None:
             assert not_raised(c.label, earned), f"{ob_id}: {c.label} above the run's {earned}"
 

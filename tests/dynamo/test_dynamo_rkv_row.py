@@ -1,8 +1,9 @@
 """The `dynamo+rkv` row: claims on a routed deployment (two real vLLM engines with the
 claims adapter, Dynamo's standalone KV indexer, the pytest-rkv router), earned in one
-certified session and judged: placement passed with worker-level evidence (the claim's
-worker named, every routed reuse served there, a request refused only when no worker fits
-and then admitted on the worker that frees up), every single-engine obligation the adapter
+certified session and judged: placement passed with worker-level evidence (each claim's
+worker named, every routed reuse served there because Dynamo's index showed the prefix
+there, a request refused only when no worker fits and then admitted on the worker that
+frees up), every single-engine obligation the adapter
 carries passed, the descriptor holds against the run, the bundle verifies, and no process
 survives the run, a failed start or Ctrl-C.
 """
@@ -69,11 +70,17 @@ def test_the_row_is_adapter_scoped_and_placement_passed(session):
 def test_placement_evidence_names_the_worker_in_every_trial(session):
     tests = _placement(session["row"])
     reuse = tests["test_routed_reuse_names_the_worker_holding_the_claim"]["evidence"]
-    worker = reuse["worker"]
-    assert worker in ("w0", "w1")
-    assert len(reuse["trials"]) == 5 and all(
-        t["served_by"] == t["claim_worker"] == worker and t["reuse"] == [[worker, 640]] for t in reuse["trials"]
-    ), reuse["trials"]
+    workers = reuse["workers"]
+    assert sorted(workers.values()) == ["w0", "w1"], workers
+    assert len(reuse["trials"]) == 6
+    for t in reuse["trials"]:
+        worker = workers[t["claim"]]
+        assert t["served_by"] == t["claim_worker"] == worker, t
+        assert t["reuse"] == [[t["claim"], worker, 320]] and t["cached_tokens"] == 320, t
+        # Dynamo's index is what sent it there: the 10-block prefix on the claim's worker only
+        assert t["why"]["overlap_tokens"] == {w: (320 if w == worker else 0) for w in ("w0", "w1")}, t["why"]
+        assert t["why"]["order"][0] == worker, t["why"]
+    assert all(r["index_settled"] for r in reuse["placement_reasons"].values()), reuse["placement_reasons"]
     arbitration = tests["test_routed_request_goes_where_it_fits_and_is_refused_only_where_none_fits"]["evidence"]
     placed = arbitration["placed"]
     assert sorted(placed.values()) == ["w0", "w1"], placed

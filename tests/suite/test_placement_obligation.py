@@ -107,6 +107,9 @@ class RoutedPairDriver(Driver):
             self.router._first_admitting = lambda order, ask: ask(order[0])
         if FAULT == "names_one_worker":  # the refusal names the last worker's claims only
             self.router._first_admitting = self._names_one
+        if FAULT == "static_order":  # a fixed worker order, the index never asked
+            from pytest_rkv.adapters.routed import Choice
+            self.router.choose = lambda tokens: Choice(list(WORKERS), {}, {})
         self.reuses = 0
 
     def _names_one(self, order, ask):
@@ -121,11 +124,18 @@ class RoutedPairDriver(Driver):
         return Reply(merged.status, error=err)
 
     def overlap(self, tokens):
+        """The full blocks each worker's resident claims share with the prompt, in tokens."""
+        block = self.engines["w0"].ref.info().block_size
         found = {}
         for w, e in self.engines.items():
             for c in e.ref.list_claims():
                 if c.state.value == "resident":
-                    found[w] = max(found.get(w, 0), c.tokens if tokens[:c.tokens] == self.prompts.get(c.claim_id) else 0)
+                    shared = 0
+                    for a, b in zip(tokens, self.prompts.get(c.claim_id, [])):
+                        if a != b:
+                            break
+                        shared += 1
+                    found[w] = max(found.get(w, 0), shared // block * block)
         return found
 
     def info(self):
@@ -161,12 +171,12 @@ class RoutedPairDriver(Driver):
 
     def route(self, req, worker=None):
         from pytest_rkv.drivers.base import Routed
-        reply, served = self.router.route(req, worker)
+        reply, served, choice = self.router.route(req, worker)
         if reply.ok and reply.value.rkv and reply.value.rkv.reuse:
             self.reuses += 1
         if FAULT == "misrouted" and served:  # served where the router chose, reported elsewhere
             served = WORKERS[1 - WORKERS.index(served)]
-        return reply, Routed(worker=served)
+        return reply, Routed(worker=served, reason=choice.evidence() if choice else None)
 
     def complete(self, req):
         return self.route(req, worker=self.router.worker_of(req.claim_id or "") or "w0")[0]
@@ -203,14 +213,17 @@ ARBITRATION = "test_routed_request_goes_where_it_fits_and_is_refused_only_where_
 def test_correct_placement_passes(tmp_path):
     tests = _run_placement(tmp_path, "")
     assert {name: t["outcome"] for name, t in tests.items()} == {REUSE: "passed", ARBITRATION: "passed"}, tests
-    assert tests[REUSE]["evidence"]["worker"] == "w0" and len(tests[REUSE]["evidence"]["trials"]) == 5
+    evidence = tests[REUSE]["evidence"]
+    assert sorted(evidence["workers"].values()) == ["w0", "w1"] and len(evidence["trials"]) == 6
+    assert all(t["why"]["overlap_tokens"][t["served_by"]] == 10 * 16 for t in evidence["trials"]), evidence["trials"]
     assert tests[ARBITRATION]["evidence"]["admitted_on"] == "w1"
 
 
 @pytest.mark.parametrize("fault, test, says", [
     ("misattribute", REUSE, "reuse records"),  # reuse credited to a worker that does not hold the claim
     ("moved", REUSE, "now reads"),  # the claim moved after its first reuse, and nothing said so
-    ("misrouted", REUSE, "routed to"),  # the answer names a worker that does not hold the claim
+    ("misrouted", REUSE, "was routed to"),  # the answer names a worker that does not hold the claim
+    ("static_order", REUSE, "was routed to"),  # the index is never asked: one claim's reuse runs cold
     ("no_arbitration", ARBITRATION, "the refusal names"),  # the first worker's refusal is final
     ("names_one_worker", ARBITRATION, "the refusal names"),  # a refusal hides one worker's blockers
 ])
