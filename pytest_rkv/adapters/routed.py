@@ -66,7 +66,6 @@ class ClaimRouter:
         tokens per worker name (workers with none may be absent)."""
         self.workers = dict(workers)
         self.overlap = overlap
-        self.last_choice: Choice | None = None
 
     # -- placement -------------------------------------------------------------------
     def place(self, req: ClaimRequest) -> tuple[Reply[Claim], Choice]:
@@ -123,9 +122,8 @@ class ClaimRouter:
             pool = driver.pool()
             room[w] = pool.free_blocks + pool.cached_blocks
         names = list(self.workers)
-        order = sorted(names, key=lambda w: (-overlap.get(w, 0), -room[w], names.index(w)))
-        self.last_choice = Choice(order, overlap, room)
-        return self.last_choice
+        order = sorted(names, key=lambda w: (-overlap[w], -room[w], names.index(w)))
+        return Choice(order, overlap, room)
 
     def _first_admitting(self, order: list[str], ask: Callable[[str], Reply]) -> Reply:
         refusals: list[tuple[str, Reply]] = []

@@ -20,7 +20,7 @@ The probe vocabulary: `place(req)` and `route(req)` are the router's (the placem
 use them); the single-pool calls (`claim`, `complete`, `pool`, faults) go to the *home*
 worker `w0`, as on `dynamo`, because the canonical probe is written for one 80-block pool.
 A completion that names a claim goes to the claim's worker. Claim events and block events
-are both workers' streams, merged with one seq in the order this driver read them.
+are both workers' streams, merged by this driver with one seq (`MergedStream`).
 """
 
 from __future__ import annotations
